@@ -1,0 +1,22 @@
+"""zoo: vision architectures from recent papers as timm models, with Hub weights and training recipes.
+
+`import zoo` registers every zoo model with timm and makes `timm.create_model("zoo/<name>")` work.
+"""
+from zoo import _namespace
+from zoo import models
+from zoo.registry import UnknownModelError, is_zoo_model, list_models
+
+__version__ = '0.1.0'
+__all__ = ['UnknownModelError', 'create_model', 'is_zoo_model', 'list_models']
+
+_namespace.install()
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs):
+    """`timm.create_model` for zoo names (`spartan_tiny`, `zoo/spartan_tiny`, `spartan_tiny.in1k`)."""
+    import timm
+    from zoo._namespace import strip_zoo_prefix
+    from zoo.registry import check_model_name
+
+    check_model_name(strip_zoo_prefix(model_name) or model_name)
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)

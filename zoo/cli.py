@@ -1,0 +1,173 @@
+"""The `zoo` command: list, info, predict, convert, push, card."""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import timm
+import torch
+from tqdm import tqdm
+
+import zoo
+from zoo import cards, hub
+from zoo.registry import check_model_name
+
+
+def _cmd_list(args) -> None:
+    for name in zoo.list_models(args.pattern, pretrained=args.pretrained):
+        print(name)
+
+
+def _cmd_info(args) -> None:
+    check_model_name(args.name)
+    with torch.device('meta'):
+        model = timm.create_model(args.name)
+    cfg = model.pretrained_cfg
+    input_size = tuple(cfg.get('input_size', (3, 224, 224)))
+    weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none (no official weights exist)'
+    info = {
+        'name': args.name,
+        'params_m': round(cards.count_params(model) / 1e6, 3),
+        'gmacs': round(cards.count_gmacs(model, input_size), 3),
+        'input_size': list(input_size),
+        'crop_pct': cfg.get('crop_pct'),
+        'paper': cfg.get('paper_name'),
+        'paper_ids': cfg.get('paper_ids'),
+        'license': cfg.get('license'),
+        'weights': weights,
+        'pretrained_tags': [n for n in zoo.list_models(pretrained=True) if n.split('.')[0] == model.pretrained_cfg['architecture']],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f'{key:>16}: {value}')
+
+
+def _label_names(model) -> Optional[List[str]]:
+    """Class names: the checkpoint's own, or ImageNet's for a 1000/21841-class head."""
+    names = model.pretrained_cfg.get('label_names')
+    if names:
+        return list(names)
+    if model.num_classes in (1000, 1001, 11821, 21841, 21843):
+        info = timm.data.ImageNetInfo(timm.data.infer_imagenet_subset(model) or 'imagenet-1k')
+        return [info.index_to_description(i) for i in range(model.num_classes)]
+    return None
+
+
+def _cmd_predict(args) -> None:
+    from PIL import Image
+
+    source = Path(args.name)
+    if source.is_dir():
+        model = hub.load(source)
+    else:
+        model = zoo.create_model(args.name, pretrained=not args.random).eval()
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    labels = _label_names(model)
+    for image_path in tqdm(args.images, desc='predict', disable=len(args.images) < 2, file=sys.stderr):
+        try:
+            image = Image.open(image_path).convert('RGB')
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
+        with torch.no_grad():
+            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+        top = probs.topk(min(args.top_k, probs.numel()))
+        print(image_path)
+        for p, i in zip(top.values.tolist(), top.indices.tolist()):
+            label = labels[i] if labels else f'class {i}'
+            print(f'  {p:7.2%}  {i:5d}  {label}')
+
+
+def _cmd_convert(args) -> None:
+    from zoo.convert import family_module
+
+    module = family_module(args.family)
+    model_name = args.model
+    if model_name is None:
+        names = zoo.list_models(f'{args.family.lower()}_*')
+        if len(names) != 1:
+            raise SystemExit(f'zoo convert: name the model the checkpoint is for with --model, one of {", ".join(names)}')
+        model_name = names[0]
+    kwargs = {'num_classes': args.num_classes} if args.num_classes is not None else {}
+    model = zoo.create_model(model_name, **kwargs)
+    state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
+    hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
+    out = hub.save_pretrained(model.eval(), args.out)
+    print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
+
+
+def _cmd_push(args) -> None:
+    commit = hub.push_folder(args.directory, args.repo_id, commit_message=args.message, private=args.private)
+    print(getattr(commit, 'commit_url', commit))
+
+
+def _cmd_card(args) -> None:
+    if args.all:
+        for path in tqdm(cards.card_names(), desc='cards', file=sys.stderr):
+            (cards.CARDS_DIR / f'{path}.md').write_text(cards.card_for_name(path))
+        print(f'wrote {len(cards.card_names())} cards to {cards.CARDS_DIR}')
+    elif args.name:
+        print(cards.card_for_name(args.name))
+    else:
+        raise SystemExit('zoo card: give a model NAME or --all')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
+    parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('list', help='list zoo models')
+    p.add_argument('pattern', nargs='?', default='*', help='glob, e.g. "spartan*"')
+    p.add_argument('--pretrained', action='store_true', help='list published weights as name.tag')
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser('info', help='params, GMACs, input size, paper, license, weights of a model')
+    p.add_argument('name')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser('predict', help='top-k classes for images')
+    p.add_argument('name', help='model name[.tag], or a Hub folder written by save_pretrained')
+    p.add_argument('images', nargs='+')
+    p.add_argument('--top-k', type=int, default=5)
+    p.add_argument('--random', action='store_true', help='random weights (no download), to try the pipeline')
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('convert', help='official checkpoint -> Hub folder')
+    p.add_argument('family')
+    p.add_argument('checkpoint', type=Path)
+    p.add_argument('--out', type=Path, required=True)
+    p.add_argument('--model', help='zoo model the checkpoint is for (default: the family\'s only model)')
+    p.add_argument('--num-classes', type=int)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser('push', help='upload a Hub folder to a Hub repo')
+    p.add_argument('directory', type=Path)
+    p.add_argument('repo_id')
+    p.add_argument('--message', default='Add model')
+    p.add_argument('--private', action='store_true')
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser('card', help='print a model card, or regenerate model_cards/ with --all')
+    p.add_argument('name', nargs='?')
+    p.add_argument('--all', action='store_true')
+    p.set_defaults(func=_cmd_card)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (zoo.UnknownModelError, hub.CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f'zoo {args.command}: {e}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

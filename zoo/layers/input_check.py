@@ -1,0 +1,18 @@
+"""A clear error for images a model cannot take, before a convolution fails deep inside it."""
+import torch
+from timm.layers import register_notrace_function
+
+
+@register_notrace_function
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1) -> None:
+    """Raise ``ValueError`` unless ``x`` is an (N, in_chans, H, W) batch with H, W >= ``min_size``."""
+    if x.ndim != 4:
+        raise ValueError(
+            f'expected a 4-D image batch (N, {in_chans}, H, W), got a {x.ndim}-D tensor of shape {tuple(x.shape)}')
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'expected {in_chans} input channels (N, {in_chans}, H, W), got shape {tuple(x.shape)}; '
+            f'build the model with in_chans={x.shape[1]} to take {x.shape[1]}-channel images')
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            f'expected images of at least {min_size}x{min_size} pixels, got {x.shape[2]}x{x.shape[3]}')

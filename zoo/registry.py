@@ -1,0 +1,43 @@
+"""Which models the zoo registers, and errors for names it does not know."""
+import difflib
+import sys
+from types import ModuleType
+from typing import List
+
+import timm
+
+
+class UnknownModelError(RuntimeError):
+    """An unknown model name; the message suggests the closest registered names."""
+
+
+def is_zoo_model(model_name: str) -> bool:
+    """True when `model_name` (`arch` or `arch.tag`) is registered by a zoo family module."""
+    arch = timm.models.split_model_name_tag(model_name)[0]
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith(f'{__package__}.models.')
+
+
+def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
+    """The zoo's model names matching a glob `pattern`; with `pretrained`, every `name.tag` with weights."""
+    return [n for n in timm.list_models(pattern, pretrained=pretrained) if is_zoo_model(n)]
+
+
+def family_module(model_name: str) -> ModuleType:
+    """The zoo family module that registers `model_name` (tags allowed)."""
+    arch = check_model_name(model_name)
+    return sys.modules[timm.models.model_entrypoint(arch).__module__]
+
+
+def check_model_name(model_name: str) -> str:
+    """Return the architecture of `model_name` (`arch` or `arch.tag`), or raise with close suggestions."""
+    arch, tag = timm.models.split_model_name_tag(model_name)
+    if not timm.is_model(arch):
+        known = timm.list_models()
+        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+        hint = f'; did you mean {", ".join(close)}?' if close else '; `zoo list` shows the zoo models'
+        raise UnknownModelError(f'unknown model {model_name!r}{hint}')
+    if tag:
+        tags = [n.split('.', 1)[1] for n in timm.models.get_arch_pretrained_cfgs(arch)]
+        if tag not in tags:
+            raise UnknownModelError(f'{arch} has no pretrained tag {tag!r}; known tags: {", ".join(tags) or "none"}')
+    return arch
