@@ -1,0 +1,87 @@
+"""The `zoo` command line."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import timm
+from zoo import cli
+from zoo.models import spartan
+
+from official_layout import load_manifest, to_official_layout
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list(capsys):
+    code, out, _ = run(capsys, 'list', 'spartan*')
+    assert code == 0 and out.split() == ['spartan_tiny']
+    code, out, _ = run(capsys, 'list', '--pretrained')
+    assert 'spartan_tiny.in1k' in out.split()
+
+
+def test_info_reports_params_gmacs_paper_license_weights(capsys):
+    code, out, _ = run(capsys, 'info', 'spartan_tiny', '--json')
+    info = json.loads(out)
+    assert code == 0
+    assert info['params_m'] == pytest.approx(3.82, abs=0.005)
+    assert info['gmacs'] == pytest.approx(1.04, abs=0.01)
+    assert info['input_size'] == [3, 256, 256]
+    assert info['license'] == 'apache-2.0' and 'SpaRTAN' in info['paper']
+    assert info['weights'] == 'henry-pay/SpaRTAN-S'
+
+
+def test_unknown_name_exits_2_with_a_suggestion(capsys):
+    code, _, err = run(capsys, 'info', 'spartan_tny')
+    assert code == 2 and 'did you mean spartan_tiny' in err
+
+
+def test_predict_prints_top_k_with_imagenet_labels(capsys, tmp_path):
+    image = tmp_path / 'cat.png'
+    Image.new('RGB', (300, 260), (200, 120, 40)).save(image)
+    code, out, _ = run(capsys, 'predict', 'spartan_tiny', str(image), '--random', '--top-k', '3')
+    lines = out.splitlines()
+    assert code == 0 and lines[0] == str(image) and len(lines) == 4
+    labels = timm.data.ImageNetInfo().label_descriptions()
+    assert any(label in lines[1] for label in labels)
+
+
+def test_predict_refuses_a_file_that_is_not_an_image(capsys, tmp_path):
+    bad = tmp_path / 'notes.txt'
+    bad.write_text('hello')
+    with pytest.raises(SystemExit, match='cannot read image'):
+        cli.main(['predict', 'spartan_tiny', str(bad), '--random'])
+
+
+def test_convert_official_checkpoint_to_a_hub_folder(capsys, tmp_path):
+    torch.manual_seed(0)
+    source = timm.create_model('spartan_tiny').eval()
+    official = to_official_layout(
+        source.state_dict(), source, spartan.checkpoint_filter_fn, load_manifest('spartan', 'spartan_t_repo_config'))
+    checkpoint = tmp_path / 'spartan_300.pth'
+    torch.save({'epoch': 300, 'model': official}, checkpoint)
+    code, out, err = run(capsys, 'convert', 'spartan', str(checkpoint), '--out', str(tmp_path / 'hub'))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / 'hub').iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    converted = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), source(x))
+
+
+def test_convert_refuses_a_checkpoint_of_another_architecture(capsys, tmp_path):
+    checkpoint = tmp_path / 'resnet.pth'
+    torch.save(timm.create_model('resnet18').state_dict(), checkpoint)
+    code, _, err = run(capsys, 'convert', 'spartan', str(checkpoint), '--out', str(tmp_path / 'hub'))
+    assert code == 2 and 'not a SpaRTAN checkpoint' in err
+    assert not (tmp_path / 'hub').exists()
+
+
+def test_card_prints_the_card(capsys):
+    code, out, _ = run(capsys, 'card', 'spartan_tiny.in1k')
+    assert code == 0 and out.startswith('---') and '# Model card for spartan_tiny.in1k' in out
