@@ -1,10 +1,10 @@
-"""model_cards/ holds exactly one up-to-date card per published zoo weight."""
+"""model_cards/ holds exactly one up-to-date card per zoo model and tag."""
 import pytest
 
 from zoo import cards
 
 
-def test_every_published_weight_has_an_up_to_date_card():
+def test_every_model_and_tag_has_an_up_to_date_card():
     names = cards.card_names()
     on_disk = sorted(p.stem for p in cards.CARDS_DIR.glob('*.md'))
     assert on_disk == sorted(names), 'run `zoo card --all` to regenerate model_cards/'
@@ -15,7 +15,7 @@ def test_every_published_weight_has_an_up_to_date_card():
 
 def test_card_holds_the_facts_a_user_needs():
     card = cards.card_for_name('spartan_tiny.in1k')
-    for fact in ('license: apache-2.0', 'arxiv: 2507.10999', 'Params (M):** 3.82', 'GMACs:** 1.04 at 256x256',
+    for fact in ('license: apache-2.0', '- arxiv:2507.10999', 'Params (M):** 3.82', 'GMACs:** 1.04 at 256x256',
                  'henry-pay/SpaRTAN-S', '## Intended use', '## Limitations', 'could not be confirmed offline'):
         assert fact in card, fact
 

@@ -3,7 +3,8 @@
 The facts come from three places: the pretrained cfg (paper, license, origin, how the weights were
 made), the family module's `card_info` (intended use, limitations, the paper's table row for each
 variant) and the model itself (parameters, GMACs counted on the meta device at the cfg's input size).
-`model_cards/<name.tag>.md` holds one card per published weight; a test keeps them in sync.
+`model_cards/<name.tag>.md` holds one card per pretrained cfg of every zoo model (published weights, and
+the `untrained` cfgs of models no one has published weights for); a test keeps them in sync.
 """
 import copy
 import sys
@@ -14,8 +15,9 @@ import timm
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
 
-from zoo.registry import check_model_name, list_models
+from zoo.registry import check_model_name, is_zoo_model
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
 
@@ -73,12 +75,13 @@ def model_card(model: nn.Module) -> str:
         '- image-classification' if model.num_classes else '- image-feature-extraction',
         '- timm',
         '- zoo',
-        'library_name: timm',
-        f'license: {license_}',
     ]
     if arxiv:
-        lines.append(f'arxiv: {arxiv}')
-    lines += ['---', f'# Model card for {name}', '']
+        lines.append(f'- arxiv:{arxiv}')
+    lines += [
+        'library_name: timm',
+        f'license: {license_}',
+        '---', f'# Model card for {name}', '']
     if cfg.get('paper_name'):
         lines += [f'{arch} from "{cfg["paper_name"]}"' + (f' (https://arxiv.org/abs/{arxiv}).' if arxiv else '.'), '']
     lines += [
@@ -125,8 +128,8 @@ def card_for_name(model_name: str) -> str:
 
 
 def card_names() -> list:
-    """Every published zoo weight (`name.tag`): the models that get a card in model_cards/."""
-    return list_models(pretrained=True)
+    """Every zoo `name.tag`, with weights or without: the models that get a card in model_cards/."""
+    return [n for n in timm.list_models(include_tags=True) if is_zoo_model(n)]
 
 
 def write_cards(directory: Optional[Union[str, Path]] = None) -> list:
@@ -134,7 +137,7 @@ def write_cards(directory: Optional[Union[str, Path]] = None) -> list:
     directory = Path(directory or CARDS_DIR)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in card_names():
+    for name in tqdm(card_names(), desc='cards', file=sys.stderr):
         path = directory / f'{name}.md'
         path.write_text(card_for_name(name))
         written.append(path)

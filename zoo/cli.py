@@ -106,9 +106,7 @@ def _cmd_push(args) -> None:
 
 def _cmd_card(args) -> None:
     if args.all:
-        for path in tqdm(cards.card_names(), desc='cards', file=sys.stderr):
-            (cards.CARDS_DIR / f'{path}.md').write_text(cards.card_for_name(path))
-        print(f'wrote {len(cards.card_names())} cards to {cards.CARDS_DIR}')
+        print(f'wrote {len(cards.write_cards())} cards to {cards.CARDS_DIR}')
     elif args.name:
         print(cards.card_for_name(args.name))
     else:

@@ -3,6 +3,7 @@
 Folders written here load with `timm.create_model("local-dir:...")`, `timm.create_model("hf-hub:...")`
 and `transformers.AutoModelForImageClassification.from_pretrained(...)` once `import zoo` has run.
 """
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from safetensors import SafetensorError
-from timm.models import build_model_with_cfg, load_pretrained, resolve_pretrained_cfg, save_for_hf
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_hf
 from timm.models._hub import download_cached_file, hf_split
 
 from zoo.registry import check_model_name
@@ -114,21 +115,12 @@ def download_official_weights(pretrained_cfg: Dict[str, Any], cache_dir: Optiona
     raise CheckpointError(f'no official weights are declared for {pretrained_cfg.get("architecture")}')
 
 
-def load_official_weights(
-        model: nn.Module,
+def read_official_weights(
         pretrained_cfg: Dict[str, Any],
-        filter_fn: Callable,
         sha256: Optional[str] = None,
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        strict: bool = True,
         cache_dir: Optional[str] = None,
-) -> None:
-    """Download, verify (when a sha256 is recorded), convert and load an official checkpoint.
-
-    timm's `load_pretrained` does the loading, so a different `num_classes` or `in_chans` adapts the head
-    and the first conv exactly as for timm's own weights.
-    """
+) -> Dict[str, Any]:
+    """Download an official checkpoint, verify it (when a sha256 is recorded) and read it with `weights_only=True`."""
     path = download_official_weights(pretrained_cfg, cache_dir)
     if sha256:
         actual = sha256_file(path)
@@ -136,15 +128,7 @@ def load_official_weights(
             raise CheckpointError(
                 f'{path} has sha256 {actual}, but {sha256} is recorded for it: the download is corrupt or the '
                 'file changed upstream. Delete it from the cache and try again')
-    state_dict = read_checkpoint(path)
-    load_pretrained(
-        model,
-        pretrained_cfg={**pretrained_cfg, 'state_dict': state_dict},
-        num_classes=num_classes,
-        in_chans=in_chans,
-        filter_fn=filter_fn,
-        strict=strict,
-    )
+    return read_checkpoint(path)
 
 
 def build_zoo_model(
@@ -166,19 +150,19 @@ def build_zoo_model(
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None),
     )
     official = pretrained and pretrained_cfg.source == OFFICIAL_SOURCE
-    model = build_model_with_cfg(model_cls, variant, pretrained and not official, pretrained_cfg=pretrained_cfg, **kwargs)
     if official:
+        # Loaded by timm's own `load_pretrained` inside `build_model_with_cfg`: it adapts num_classes / in_chans
+        # and runs before a `features_only` wrap (loading into the wrapped model afterwards fails). The state
+        # dict reaches it through the filter fn, not the cfg, which timm copies (deeply, via asdict) onto the model.
         tag_name = f'{pretrained_cfg.architecture}.{pretrained_cfg.tag}'
-        load_official_weights(
-            model,
-            pretrained_cfg.to_dict(),
-            filter_fn=kwargs['pretrained_filter_fn'],
-            sha256=(weight_sha256 or {}).get(tag_name),
-            num_classes=kwargs.get('num_classes', pretrained_cfg.num_classes),
-            in_chans=kwargs.get('in_chans', 3),
-            strict=kwargs.get('pretrained_strict', True),
-            cache_dir=kwargs.get('cache_dir'),
-        )
+        state_dict = read_official_weights(
+            pretrained_cfg.to_dict(), sha256=(weight_sha256 or {}).get(tag_name), cache_dir=kwargs.get('cache_dir'))
+        filter_fn = kwargs['pretrained_filter_fn']
+        kwargs['pretrained_filter_fn'] = lambda _placeholder, model: filter_fn(state_dict, model)
+        pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict={OFFICIAL_SOURCE: True})
+    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+    if official:
+        model.pretrained_cfg.pop('state_dict', None)
     return model
 
 
