@@ -38,12 +38,9 @@ __all__ = ['InceptionV4', 'InceptionResnetV2', 'InceptionResnet']
 MIN_INPUT_SIZE = 75
 
 
-class InceptionV4(TimmInceptionV4):
-    """timm's Inception-v4, plus gradient checkpointing and input checks."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.grad_checkpointing = False
+class _TimmInceptionAdditions:
+    """What the zoo adds to timm's Inception classes: a gradient-checkpointing switch and input checks."""
+    grad_checkpointing = False
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -52,6 +49,10 @@ class InceptionV4(TimmInceptionV4):
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
         return super().forward_intermediates(x, *args, **kwargs)
+
+
+class InceptionV4(_TimmInceptionAdditions, TimmInceptionV4):
+    """timm's Inception-v4, plus gradient checkpointing and input checks."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
@@ -71,20 +72,8 @@ def _run_layers(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class InceptionResnetV2(TimmInceptionResnetV2):
+class InceptionResnetV2(_TimmInceptionAdditions, TimmInceptionResnetV2):
     """timm's Inception-ResNet-v2 (TF-slim layout), plus gradient checkpointing and input checks."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.grad_checkpointing = False
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
-        return super().forward_intermediates(x, *args, **kwargs)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
