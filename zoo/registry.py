@@ -1,7 +1,5 @@
 """Which models the zoo registers, and errors for names it does not know."""
 import difflib
-import sys
-from types import ModuleType
 from typing import List
 
 import timm
@@ -20,12 +18,6 @@ def is_zoo_model(model_name: str) -> bool:
 def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
     """The zoo's model names matching a glob `pattern`; with `pretrained`, every `name.tag` with weights."""
     return [n for n in timm.list_models(pattern, pretrained=pretrained) if is_zoo_model(n)]
-
-
-def family_module(model_name: str) -> ModuleType:
-    """The zoo family module that registers `model_name` (tags allowed)."""
-    arch = check_model_name(model_name)
-    return sys.modules[timm.models.model_entrypoint(arch).__module__]
 
 
 def check_model_name(model_name: str) -> str:
