@@ -27,11 +27,19 @@ def count_params(model: nn.Module) -> int:
 
 
 def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one image, counted on the meta device."""
+    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one input, counted on the meta device.
+
+    Models whose input is not one image (a frame index, say) define `example_inputs(device)`, returning
+    the keyword arguments of one forward call.
+    """
     meta_model = copy.deepcopy(model).to('meta').eval()
+    if hasattr(meta_model, 'example_inputs'):
+        inputs = meta_model.example_inputs(device='meta')
+    else:
+        inputs = dict(x=torch.empty((1, *input_size), device='meta'))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta_model(torch.empty((1, *input_size), device='meta'))
+        meta_model(**inputs)
     return counter.get_total_flops() / 2e9
 
 
@@ -41,6 +49,13 @@ def _family_card_info(model: nn.Module) -> Dict:
     if arch and timm.is_model(arch):
         module = sys.modules[timm.models.model_entrypoint(arch).__module__]
     return getattr(module, 'card_info', {})
+
+
+def _pipeline_tag(model: nn.Module, info: Dict) -> str:
+    """The Hub task tag: the family's own (`card_info['pipeline_tag']`), else classification or features."""
+    if info.get('pipeline_tag'):
+        return info['pipeline_tag']
+    return 'image-classification' if getattr(model, 'num_classes', 0) else 'image-feature-extraction'
 
 
 def _weights_section(cfg: Dict) -> str:
@@ -72,7 +87,7 @@ def model_card(model: nn.Module) -> str:
     lines = [
         '---',
         'tags:',
-        '- image-classification' if model.num_classes else '- image-feature-extraction',
+        f'- {_pipeline_tag(model, info)}',
         '- timm',
         '- zoo',
     ]
@@ -93,22 +108,26 @@ def model_card(model: nn.Module) -> str:
         '`torch.utils.flop_counter`)',
         f'- **Input:** {input_size[0]}x{input_size[1]}x{input_size[2]}, {cfg.get("interpolation", "bicubic")} '
         f'resize, crop_pct {cfg.get("crop_pct")}, mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}',
-        f'- **Classes:** {model.num_classes}',
-        f'- **License:** {license_}',
     ]
+    if hasattr(model, 'num_classes'):
+        lines.append(f'- **Classes:** {model.num_classes}')
+    lines += [f'- **License:** {license_}']
     if cfg.get('origin_url'):
         lines.append(f'- **Original code:** {cfg["origin_url"]}')
     lines += ['', '## Weights', '', _weights_section(cfg), '']
     for note in notes:
         lines += [f'> {note}', '']
+    pretrained = bool(tag and (cfg.get('hf_hub_id') or cfg.get('url')))
+    usage = info.get('usage') or (
+        'config = timm.data.resolve_model_data_config(model)\n'
+        'transform = timm.data.create_transform(**config, is_training=False)')
     lines += [
         '## Usage',
         '',
         '```python',
         'import timm, zoo',
-        f'model = timm.create_model("zoo/{name}", pretrained={bool(tag and (cfg.get("hf_hub_id") or cfg.get("url")))}).eval()',
-        'config = timm.data.resolve_model_data_config(model)',
-        'transform = timm.data.create_transform(**config, is_training=False)',
+        f'model = timm.create_model("zoo/{name}", pretrained={pretrained}).eval()',
+        usage,
         '```',
         '',
     ]

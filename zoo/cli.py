@@ -56,24 +56,33 @@ def _label_names(model) -> Optional[List[str]]:
     return None
 
 
-def _cmd_predict(args) -> None:
+def _read_image(image_path):
     from PIL import Image
 
+    try:
+        return Image.open(image_path).convert('RGB')
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
+
+
+def _cmd_predict(args) -> None:
     source = Path(args.name)
     if source.is_dir():
         model = hub.load(source)
     else:
         model = zoo.create_model(args.name, pretrained=not args.random).eval()
+    if getattr(model, 'task', 'classification') != 'classification':
+        from zoo.tasks import save_prediction
+
+        for image_path in tqdm(args.images, desc='predict', disable=len(args.images) < 2, file=sys.stderr):
+            print(f'{image_path} -> {save_prediction(model, _read_image(image_path), Path(image_path))}')
+        return
     config = timm.data.resolve_model_data_config(model)
     transform = timm.data.create_transform(**config, is_training=False)
     labels = _label_names(model)
     for image_path in tqdm(args.images, desc='predict', disable=len(args.images) < 2, file=sys.stderr):
-        try:
-            image = Image.open(image_path).convert('RGB')
-        except (OSError, ValueError) as e:
-            raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
         with torch.no_grad():
-            probs = model(transform(image).unsqueeze(0)).softmax(-1)[0]
+            probs = model(transform(_read_image(image_path)).unsqueeze(0)).softmax(-1)[0]
         top = probs.topk(min(args.top_k, probs.numel()))
         print(image_path)
         for p, i in zip(top.values.tolist(), top.indices.tolist()):
@@ -128,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser('predict', help='top-k classes for images')
+    p = sub.add_parser('predict', help='top-k classes for images, or a depth map / mask picture for dense models')
     p.add_argument('name', help='model name[.tag], or a Hub folder written by save_pretrained')
     p.add_argument('images', nargs='+')
     p.add_argument('--top-k', type=int, default=5)
