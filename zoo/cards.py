@@ -138,6 +138,26 @@ def model_card(model: nn.Module) -> str:
     return '\n'.join(lines)
 
 
+def training_section(training: Dict) -> str:
+    """The card section of a zoo-trained model: recipe, data, measured metrics, weights' sha256."""
+    recipe = training['recipe']
+    metrics = training.get('metrics') or {}
+    lines = [
+        '## Training',
+        '',
+        'Trained by zoo with `accelerate launch training/train.py`; the full recipe is in `training_recipe.yaml`.',
+        '',
+        f'- **Recipe source:** {recipe.get("source", "not stated")}',
+        f'- **Data:** `{training.get("data")}`',
+        f'- **Weights sha256:** `{training["weights_sha256"]}`',
+        '',
+        '| metric | value |',
+        '|---|---|',
+    ]
+    lines += [f'| {k} | {v:.4f} |' if isinstance(v, float) else f'| {k} | {v} |' for k, v in metrics.items()]
+    return '\n'.join(lines) + '\n'
+
+
 def card_for_name(model_name: str) -> str:
     """The card of a registered `name` or `name.tag`, built without weights."""
     check_model_name(model_name)

@@ -17,6 +17,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_hf
@@ -30,6 +31,7 @@ _logger = logging.getLogger(__name__)
 OFFICIAL_SOURCE = 'official'
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar', '.ckpt')
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
+TRAINING_NAME, RECIPE_NAME = 'training.json', 'training_recipe.yaml'
 
 
 class CheckpointError(ValueError):
@@ -183,13 +185,15 @@ def _write_config(model: nn.Module, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
 
-def save_pretrained(model: nn.Module, directory: Union[str, Path]) -> Path:
+def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Optional[Dict[str, Any]] = None) -> Path:
     """Write config.json, model.safetensors and README.md (the model card) into `directory`.
 
+    `training` (`{'recipe': ..., 'data': ..., 'metrics': ...}`, from `zoo.trainer`) adds training.json and
+    training_recipe.yaml, and a card section with the recipe, the data, the metrics and the weights' sha256.
     The files are written into a temporary folder beside `directory` and moved into place only once
     all of them are complete, so an interrupted save never leaves a half-written file behind.
     """
-    from zoo.cards import model_card
+    from zoo.cards import model_card, training_section
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -197,8 +201,16 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path]) -> Path:
     try:
         save_for_hf(model, staging, safe_serialization=True)
         _write_config(model, staging)
-        (staging / CARD_NAME).write_text(model_card(model))
-        for name in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+        names = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
+        card = model_card(model)
+        if training is not None:
+            training = dict(training, weights_sha256=sha256_file(staging / WEIGHTS_NAME))
+            (staging / TRAINING_NAME).write_text(json.dumps(training, indent=2, default=str) + '\n')
+            (staging / RECIPE_NAME).write_text(yaml.safe_dump(training['recipe'], sort_keys=False))
+            card += training_section(training)
+            names += [TRAINING_NAME, RECIPE_NAME]
+        (staging / CARD_NAME).write_text(card)
+        for name in names:
             os.replace(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -224,7 +236,7 @@ def push_folder(
     return api.upload_folder(
         repo_id=repo_id,
         folder_path=directory,
-        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, TRAINING_NAME, RECIPE_NAME],
         commit_message=commit_message,
         revision=revision,
         create_pr=create_pr,

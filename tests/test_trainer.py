@@ -1,0 +1,165 @@
+"""The training loop: recipes, determinism, exact resume, 2-process equivalence, the trained Hub folder.
+
+A tiny timm ConvNeXt (`test_convnext`) on 32x32 images keeps each run to a few seconds; the loop is the
+same for every model.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from zoo import hub, trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+    """3 classes of random 40x40 images: 8 per class to train, 2 to validate."""
+    root = tmp_path_factory.mktemp('images')
+    rng = np.random.default_rng(0)
+    for split, count in (('train', 8), ('validation', 2)):
+        for label in ('cat', 'dog', 'fox'):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray((rng.random((40, 40, 3)) * 255).astype('uint8')).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def recipe_path(tmp_path_factory, image_folder):
+    path = tmp_path_factory.mktemp('recipe') / 'tiny.yaml'
+    path.write_text(yaml.safe_dump(dict(
+        source='test recipe',
+        model='test_convnext',
+        model_args=dict(num_classes=3),
+        task='classification',
+        data=dict(input_size=[32, 32], cache_dir=str(image_folder.parent / 'hf-datasets')),
+        train=dict(epochs=2, batch_size=8, opt='adamw', lr=1e-3, warmup_epochs=1, seed=3, log_every=1),
+        aug=dict(hflip=0.5, mixup=0.2, label_smoothing=0.1),
+    )))
+    return path
+
+
+def _weights(run_dir: Path, step: int = None):
+    path = run_dir / 'model' / 'model.safetensors' if step is None else (
+        run_dir / 'checkpoints' / f'step_{step:08d}' / 'model.safetensors')
+    return load_file(path)
+
+
+def _max_diff(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, recipe_path, image_folder):
+    """One uninterrupted run of the tiny recipe (6 optimizer steps over 2 epochs)."""
+    out = tmp_path_factory.mktemp('reference')
+    metrics = trainer.train(trainer.load_recipe(recipe_path), out, data=str(image_folder), quiet=True)
+    return out, metrics
+
+
+def test_same_seed_gives_bit_identical_weights(reference_run, recipe_path, image_folder, tmp_path):
+    trainer.train(trainer.load_recipe(recipe_path), tmp_path, data=str(image_folder), quiet=True)
+    assert _max_diff(_weights(reference_run[0]), _weights(tmp_path)) == 0.0
+
+
+def test_another_seed_gives_other_weights(reference_run, recipe_path, image_folder, tmp_path):
+    trainer.train(trainer.load_recipe(recipe_path, ['train.seed=4']), tmp_path, data=str(image_folder), quiet=True)
+    assert _max_diff(_weights(reference_run[0]), _weights(tmp_path)) > 0.0
+
+
+def test_run_stopped_mid_epoch_and_resumed_ends_with_the_same_weights(reference_run, recipe_path, image_folder, tmp_path):
+    recipe = trainer.load_recipe(recipe_path)
+    assert trainer.train(recipe, tmp_path, data=str(image_folder), exit_after_steps=2, quiet=True) is None
+    assert [p.name for p in trainer.list_checkpoints(tmp_path)] == ['step_00000002']
+    assert not (tmp_path / 'model').exists()
+    trainer.train(recipe, tmp_path, data=str(image_folder), resume=True, quiet=True)
+    assert _max_diff(_weights(reference_run[0]), _weights(tmp_path)) == 0.0
+
+
+def test_checkpoints_keep_the_newest_and_leave_no_staging(recipe_path, image_folder, tmp_path):
+    recipe = trainer.load_recipe(recipe_path, ['train.checkpoint_every=1', 'train.keep_checkpoints=2'])
+    trainer.train(recipe, tmp_path, data=str(image_folder), quiet=True)
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step_00000005', 'step_00000006']
+
+
+def test_two_processes_match_one_with_the_same_global_batch(reference_run, recipe_path, image_folder, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '2', '--cpu',
+         str(REPO / 'training' / 'train.py'), '--recipe', str(recipe_path), '--data', str(image_folder),
+         '--output-dir', str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'on 2 process(es)' in result.stdout
+    assert _max_diff(_weights(reference_run[0]), _weights(tmp_path)) < 1e-5
+
+
+def test_trained_folder_records_recipe_metrics_and_sha256(reference_run):
+    out, metrics = reference_run
+    folder = out / 'model'
+    training = json.loads((folder / hub.TRAINING_NAME).read_text())
+    assert training['weights_sha256'] == hub.sha256_file(folder / hub.WEIGHTS_NAME)
+    assert training['metrics'] == metrics and set(metrics) == {'top1', 'top5', 'loss'}
+    card = (folder / hub.CARD_NAME).read_text()
+    assert training['weights_sha256'] in card and 'test recipe' in card
+    model = hub.load(folder)
+    assert model.num_classes == 3
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
+    result = trainer.reproduce(reference_run[0] / 'model', tmp_path)
+    assert result['verdict'] == 'bit-exact'
+    assert result['reproduced_sha256'] == result['published_sha256']
+
+
+def test_reproduce_refuses_a_folder_without_a_recipe(tmp_path):
+    with pytest.raises(FileNotFoundError, match='not made by a zoo recipe'):
+        trainer.reproduce(tmp_path, tmp_path / 'out')
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'task': 'painting'}, "unknown task 'painting'"),
+    ({'train': {'learning_rate': 1}}, "unknown train keys \\['learning_rate'\\]"),
+    ({'model': 'spartan_tiyn'}, 'spartan_tiny'),
+])
+def test_bad_recipes_are_refused_with_the_reason(recipe_path, tmp_path, change, message):
+    recipe = yaml.safe_load(recipe_path.read_text())
+    recipe.update(change)
+    path = tmp_path / 'bad.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(Exception, match=message):
+        trainer.load_recipe(path)
+
+
+def test_bad_override_and_missing_recipe(recipe_path, tmp_path):
+    with pytest.raises(trainer.RecipeError, match='KEY=VALUE'):
+        trainer.load_recipe(recipe_path, ['train.lr'])
+    with pytest.raises(FileNotFoundError, match='training/recipes'):
+        trainer.load_recipe(tmp_path / 'nope.yaml')
+
+
+def test_missing_data_says_what_layout_is_expected(recipe_path, tmp_path):
+    with pytest.raises(FileNotFoundError, match='train/<class name>/<image>'):
+        trainer.train(trainer.load_recipe(recipe_path), tmp_path / 'out', data=str(tmp_path / 'no-data'), quiet=True)
+
+
+def test_every_shipped_recipe_is_valid():
+    recipes = sorted((REPO / 'training' / 'recipes').glob('*.yaml'))
+    assert recipes
+    for path in recipes:
+        recipe = trainer.load_recipe(path)
+        assert recipe.get('source'), f'{path.name} must name its source (paper table, official config)'
