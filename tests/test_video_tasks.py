@@ -164,3 +164,154 @@ def test_interpolated_embeddings_keep_the_originals_and_lie_between_them():
     torch.testing.assert_close(middle[1], (embeddings[0] + embeddings[1]) / 2)
     quarter = video.interpolate_embeddings(embeddings, 4)[1]
     torch.testing.assert_close(quarter, 0.75 * embeddings[0] + 0.25 * embeddings[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bitstream
+
+
+TINY = {
+    # HNeRV: ConvNeXt encoder to a (16, 4, 6) embedding per frame, decoder back to 64x96
+    'frames': dict(frame_size=(64, 96), num_frames=4, enc_strides=(4, 2, 2), fc_dim=16),
+    # the same decoder in NeRV mode: frame index -> positional encoding, nothing stored per frame
+    'index': dict(frame_size=(64, 96), num_frames=4, enc_strides=(4, 2, 2), fc_dim=16, pe=(1.25, 8), fc_hw=(4, 6)),
+}
+
+
+def tiny_model(kind, **overrides):
+    torch.manual_seed(0)
+    return timm.create_model('hnerv_0_35m', **dict(TINY[kind], **overrides)).eval()
+
+
+def reference_decode(model, frames, prune=0.1, bits=8):
+    """What the bitstream must decode to, computed independently: prune the 10% smallest decoder weights
+    (ndim > 1) globally, quantise every tensor with fp16 min and scale to 2^bits - 1 levels, decode."""
+    state = {k: v.clone() for k, v in model.decoder_state_dict().items()}
+    weights = torch.cat([v.abs().flatten() for v in state.values() if v.ndim > 1])
+    threshold = weights.sort().values[int(prune * weights.numel()) - 1]
+    for v in state.values():
+        if v.ndim > 1:
+            v[v.abs() <= threshold] = 0
+
+    def roundtrip(t):
+        t_min = t.min().half().float()
+        scale = ((t.max() - t_min) / (2 ** bits - 1)).half().float()
+        return t_min + scale * ((t - t_min) / scale).round().clamp(0, 2 ** bits - 1)
+
+    reference = timm.create_model(model.pretrained_cfg['architecture'], **TINY[model.input_kind]).eval()
+    reference.load_decoder_state_dict({k: roundtrip(v) for k, v in state.items()})
+    with torch.no_grad():
+        if model.stored_embeddings:
+            embeddings = roundtrip(model.encode(frames=frames))
+        else:
+            embeddings = reference.encode(index=torch.arange(model.num_frames))
+        return reference.decode(embeddings)
+
+
+@pytest.mark.parametrize('kind', ['frames', 'index'])
+def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, kind):
+    model = tiny_model(kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    frames = smooth_frames(h=64, w=96)
+    path = tmp_path / 'video.zvid'
+    result = video.compress(model, path, frames)
+    decoded = video.decode_video(path)
+    torch.testing.assert_close(decoded, reference_decode(model, frames), atol=1e-6, rtol=0)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
+    assert result['bytes'] == path.stat().st_size
+    assert result['bpp'] == pytest.approx(path.stat().st_size * 8 / (4 * 64 * 96))
+    assert result['bytes'] == result['header_bytes'] + result['decoder_bytes'] + result['embedding_bytes']
+    assert (result['embedding_bytes'] > 0) == (kind == 'frames')
+    assert result['psnr'] == pytest.approx(video.psnr(decoded, frames).mean().item(), abs=1e-4)
+    assert result['ms_ssim'] is None  # 64 px frames are too small for five scales
+    rebuilt, embeddings = video.decompress(path)
+    assert rebuilt.frame_size == (64, 96) and embeddings.shape[0] == 4
+
+
+def test_entropy_coding_beats_the_raw_symbols(tmp_path):
+    model = tiny_model('index')
+    with torch.no_grad():
+        for v in model.decoder_state_dict().values():
+            # trained weights are peaked with long tails: most symbols sit near the middle of the range
+            v.copy_(torch.distributions.Laplace(0.0, 1.0).sample(v.shape))
+    result = video.compress(model, tmp_path / 'video.zvid', prune=0.0)
+    values = sum(v.numel() for v in model.decoder_state_dict().values())
+    assert result['decoder_bytes'] * 8 / values < 7.0  # raw 8-bit symbols would cost 8 bits
+
+
+def test_ms_ssim_is_reported_for_frames_above_160_px(tmp_path):
+    model = tiny_model('frames', frame_size=(176, 176))
+    frames = smooth_frames(t=2, h=176, w=176)
+    result = video.compress(model, tmp_path / 'video.zvid', frames, bits=6)
+    decoded = video.decode_video(tmp_path / 'video.zvid')
+    assert result['ms_ssim'] == pytest.approx(video.ms_ssim(decoded, frames).mean().item(), abs=1e-5)
+
+
+def test_compress_refuses_what_it_cannot_encode(tmp_path):
+    model = tiny_model('frames')
+    with pytest.raises(ValueError, match='pass the frames'):
+        video.compress(model, tmp_path / 'a.zvid')
+    with pytest.raises(ValueError, match='built for 64x96 frames'):
+        video.compress(model, tmp_path / 'a.zvid', torch.rand(2, 3, 32, 48))
+    with pytest.raises(ValueError, match='represents 4 frames'):
+        video.compress(tiny_model('index'), tmp_path / 'a.zvid', torch.rand(3, 3, 64, 96))
+    assert not list(tmp_path.iterdir())
+
+
+def rewrite_header(path, **changes):
+    """A bitstream with header fields replaced and a valid checksum: well-formed, but for another model."""
+    data = path.read_bytes()
+    header_len = struct.unpack_from('<I', data, 6)[0]
+    header = dict(json.loads(data[10:10 + header_len]), **changes)
+    body = json.dumps(header).encode()
+    blob = data[:6] + struct.pack('<I', len(body)) + body + data[10 + header_len:-4]
+    path.write_bytes(blob + struct.pack('<I', zlib.crc32(blob)))
+
+
+def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
+    good = tmp_path / 'good.zvid'
+    video.compress(tiny_model('frames'), good, smooth_frames(h=64, w=96))
+    data = good.read_bytes()
+    bad = tmp_path / 'bad.zvid'
+    for cut in (5, 40, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:cut])
+        with pytest.raises(video.BitstreamError, match='truncated'):
+            video.decompress(bad)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(video.BitstreamError, match='checksum mismatch'):
+        video.decompress(bad)
+    bad.write_bytes(b'RIFF' + data[4:])
+    with pytest.raises(video.BitstreamError, match='not a zoo video bitstream'):
+        video.decompress(bad)
+    bad.write_bytes(data)
+    other_args = {k: v for k, v in json.loads(data[10:10 + struct.unpack_from('<I', data, 6)[0]])['model_args'].items()
+                  if k != 'fc_dim'}  # hnerv_1_5m sized by the paper's rule: a wider decoder
+    rewrite_header(bad, model='hnerv_1_5m', model_args=other_args)
+    with pytest.raises(video.BitstreamError, match='does not fit hnerv_1_5m.*another model'):
+        video.decompress(bad)
+    bad.write_bytes(data)
+    rewrite_header(bad, model='hnerv_9m')
+    with pytest.raises(RuntimeError, match="unknown model 'hnerv_9m'"):
+        video.decompress(bad)
+
+
+def test_cli_compress_then_decode(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.zoo, 'create_model', lambda name, pretrained: tiny_model('frames'))  # a 'fitted' model
+    frames = smooth_frames(h=64, w=96)
+    video.write_frames(frames, tmp_path / 'frames')
+    bitstream, out = tmp_path / 'video.zvid', tmp_path / 'decoded.mp4'
+    assert cli.main(['compress', 'hnerv_0_35m', str(tmp_path / 'frames'), '-o', str(bitstream), '--json']) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result['bytes'] == bitstream.stat().st_size and result['frames'] == 4
+    assert cli.main(['decode', str(bitstream), str(out)]) == 0
+    assert 'wrote 4 frames of 64x96' in capsys.readouterr().out
+    decoded = video.decode_video(bitstream)
+    assert video.psnr(video.read_frames(out), decoded).min() > 30
+    # a failed decode writes nothing over the good video
+    before = out.read_bytes()
+    bitstream.write_bytes(bitstream.read_bytes()[:-3])
+    assert cli.main(['decode', str(bitstream), str(out)]) == 2
+    assert 'truncated' in capsys.readouterr().err
+    assert out.read_bytes() == before

@@ -357,6 +357,26 @@ def _decode_record(payload: memoryview, offset: int, numel: int, bits: int) -> T
     return symbols, t_min, scale, offset + 4 * num_words
 
 
+def _model_args(model) -> Dict[str, object]:
+    """The timm factory kwargs that rebuild `model`, checked to give the same decoder tensors."""
+    import timm
+
+    name = model.pretrained_cfg['architecture']
+    args = dict(timm.models.get_model_args(model), frame_size=list(model.frame_size), num_frames=model.num_frames)
+    try:
+        args = json.loads(json.dumps(args))
+    except TypeError as e:
+        raise ValueError(f'{name} was created with an argument a bitstream cannot record ({e})') from e
+    with torch.device('meta'):
+        rebuilt = timm.create_model(name, **args).decoder_state_dict()
+    shapes = {k: tuple(v.shape) for k, v in model.decoder_state_dict().items()}
+    if {k: tuple(v.shape) for k, v in rebuilt.items()} != shapes:
+        raise ValueError(
+            f'timm.create_model({name!r}, **{args}) does not rebuild this model\'s decoder, so a bitstream of it '
+            'could not be decoded. Create the model with timm.create_model (its keyword arguments are recorded)')
+    return args
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}-', dir=path.parent)
@@ -402,6 +422,7 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     if frames is not None and tuple(frames.shape[1:]) != (3, height, width):
         raise ValueError(f'{name} was built for {height}x{width} frames; got frames of shape {tuple(frames.shape)}. '
                          'Read them with read_frames(path, frame_size=model.frame_size)')
+    model_args = _model_args(model)
     model.eval()
     tensors = _prune({k: v.detach().float().cpu() for k, v in model.decoder_state_dict().items()}, prune)
     if model.stored_embeddings:
@@ -422,7 +443,7 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
         payload += record
     header = json.dumps({
         'model': name,
-        'model_args': {'frame_size': [height, width], 'num_frames': model.num_frames},
+        'model_args': model_args,
         'bits': bits,
         'prune': prune,
         'frames': num_frames,
