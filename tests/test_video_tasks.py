@@ -75,6 +75,9 @@ def test_read_errors_name_the_problem(tmp_path):
     Image.new('RGB', (48, 30)).save(mixed / 'b.png')
     with pytest.raises(ValueError, match=r'b\.png is 30x48, but a\.png is 32x48'):
         video.read_frames(mixed)
+    (mixed / 'b.png').write_bytes(b'not a picture')
+    with pytest.raises(ValueError, match=r'cannot read frame .*b\.png'):
+        video.read_frames(mixed)
     (tmp_path / 'junk.mp4').write_bytes(b'not a video')
     with pytest.raises(ValueError, match='cannot read'):
         video.read_frames(tmp_path / 'junk.mp4')

@@ -15,6 +15,7 @@ file; a tensor for which the table costs more than it saves is stored raw.
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 import zlib
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
-VIDEO_SUFFIXES = ('.mp4', '.mkv', '.mov')
+VIDEO_FORMATS = {'.mp4': 'mp4', '.mkv': 'matroska', '.mov': 'mov'}  # all written as H.264
 FRAME_NAME = re.compile(r'frame_\d{5,}\.png')
 PathLike = Union[str, Path]
 
@@ -73,22 +74,24 @@ def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
     if not files:
         raise ValueError(f'no frames in {folder}: it holds no image files ({", ".join(IMAGE_SUFFIXES)})')
     for path in files:
-        with Image.open(path) as image:
-            yield path.name, np.array(image.convert('RGB'))
+        try:
+            with Image.open(path) as image:
+                yield path.name, np.array(image.convert('RGB'))
+        except OSError as e:
+            raise ValueError(f'cannot read frame {path}: {e}') from e
 
 
 def _video_arrays(path: Path) -> Iterator[Tuple[str, np.ndarray]]:
     import av
 
     try:
-        container = av.open(str(path))
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ValueError(f'{path} holds no video stream')
+            for i, frame in enumerate(container.decode(video=0)):
+                yield f'frame {i} of {path.name}', frame.to_ndarray(format='rgb24')
     except av.FFmpegError as e:
         raise ValueError(f'cannot read {path} as a video: {e}') from e
-    with container:
-        if not container.streams.video:
-            raise ValueError(f'{path} holds no video stream')
-        for i, frame in enumerate(container.decode(video=0)):
-            yield f'frame {i} of {path.name}', frame.to_ndarray(format='rgb24')
 
 
 def read_frames(path: PathLike, frame_size: Optional[Tuple[int, int]] = None,
@@ -134,7 +137,7 @@ def _write_video(arrays: np.ndarray, path: Path, fps: int, crf: int) -> None:
         raise ValueError(
             f'{path.suffix} (H.264, yuv420p) needs an even frame height and width; got {height}x{width}. '
             'Write a folder of PNGs instead')
-    with av.open(str(path), mode='w', format=path.suffix[1:].replace('mkv', 'matroska')) as container:
+    with av.open(str(path), mode='w', format=VIDEO_FORMATS[path.suffix.lower()]) as container:
         stream = container.add_stream('libx264', rate=fps, options={'crf': str(crf)})
         stream.width, stream.height, stream.pix_fmt = width, height, 'yuv420p'
         for array in arrays:
@@ -155,10 +158,7 @@ def _replace_folder(staging: Path, target: Path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f'.{target.name}.old-', dir=target.parent))
         os.replace(target, old / target.name)
         os.replace(staging, target)
-        for p in (old / target.name).iterdir():
-            p.unlink()
-        (old / target.name).rmdir()
-        old.rmdir()
+        shutil.rmtree(old)
     else:
         os.replace(staging, target)
 
@@ -172,7 +172,7 @@ def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int =
     path = Path(path)
     arrays = _to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix.lower() in VIDEO_SUFFIXES:
+    if path.suffix.lower() in VIDEO_FORMATS:
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.stem}-', suffix=path.suffix, dir=path.parent)
         os.close(fd)
         try:
@@ -190,10 +190,7 @@ def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int =
             Image.fromarray(array).save(staging / f'frame_{i:05d}.png')
         _replace_folder(staging, path)
     finally:
-        if staging.exists():
-            for p in staging.iterdir():
-                p.unlink()
-            staging.rmdir()
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
@@ -460,10 +457,10 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
         'bpp': len(blob) * 8 / (num_frames * height * width), 'psnr': None, 'ms_ssim': None,
     }
     if frames is not None:
-        decoded_model, embeddings = decompress(path)
+        decoded_model, embeddings = decompress(path, device=next(model.parameters()).device)
         scores, structure = [], []
         for i, decoded in enumerate(_decode_batches(decoded_model, embeddings, batch_size)):
-            target = frames[i * batch_size:i * batch_size + len(decoded)].float().cpu()
+            decoded, target = decoded.cpu(), frames[i * batch_size:i * batch_size + len(decoded)].float().cpu()
             scores.append(psnr(decoded, target))
             if min(height, width) > 160:
                 structure.append(ms_ssim(decoded, target))
@@ -515,7 +512,10 @@ def decompress(path: PathLike, device: Union[str, torch.device] = 'cpu'):
     path = Path(path)
     header, payload = _read_bitstream(path)
     check_model_name(header['model'])
-    model = timm.create_model(header['model'], **header['model_args'])
+    try:
+        model = timm.create_model(header['model'], **header['model_args'])
+    except (TypeError, ValueError) as e:
+        raise BitstreamError(f'{path} was written for {header["model"]} with arguments it does not take: {e}') from e
     expected = model.decoder_state_dict()
     table = {key: tuple(shape) for key, shape in header['tensors']}
     stored = table.pop('embeddings', None)
@@ -545,6 +545,6 @@ def decompress(path: PathLike, device: Union[str, torch.device] = 'cpu'):
 
 
 def decode_video(path: PathLike, batch_size: int = 8, device: Union[str, torch.device] = 'cpu') -> torch.Tensor:
-    """The frames (T, 3, H, W) in [0, 1] a bitstream decodes to, on the CPU."""
+    """The frames (T, 3, H, W) in [0, 1] a bitstream decodes to (decoded on `device`, returned on the CPU)."""
     model, embeddings = decompress(path, device=device)
     return torch.cat([frames.cpu() for frames in _decode_batches(model, embeddings, batch_size)])
