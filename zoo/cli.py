@@ -1,4 +1,4 @@
-"""The `zoo` command: list, info, predict, convert, push, card."""
+"""The `zoo` command: list, info, predict, convert, push, card, compress, decode."""
 import argparse
 import json
 import sys
@@ -122,6 +122,30 @@ def _cmd_card(args) -> None:
         raise SystemExit('zoo card: give a model NAME or --all')
 
 
+def _cmd_compress(args) -> None:
+    from zoo.tasks import video
+
+    source = Path(args.model)
+    model = hub.load(source) if source.is_dir() else zoo.create_model(args.model, pretrained=True)
+    frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
+    result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    ms_ssim = 'n/a (frames of 160 px or less)' if result['ms_ssim'] is None else f'{result["ms_ssim"]:.4f}'
+    height, width = result['frame_size']
+    print(f'wrote {result["path"]} ({result["model"]}, {result["frames"]} frames of {height}x{width})')
+    print(f'  bytes: {result["bytes"]}  bpp: {result["bpp"]:.4f}  PSNR: {result["psnr"]:.2f} dB  MS-SSIM: {ms_ssim}')
+
+
+def _cmd_decode(args) -> None:
+    from zoo.tasks import video
+
+    frames = video.decode_video(args.bitstream)
+    out = video.write_frames(frames, args.out, fps=args.fps)
+    print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -163,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('name', nargs='?')
     p.add_argument('--all', action='store_true')
     p.set_defaults(func=_cmd_card)
+
+    p = sub.add_parser('compress', help='video model + its frames -> bitstream (prune, quantise, entropy-code)')
+    p.add_argument('model', help='video model name[.tag] (pretrained weights), or a Hub folder of a fitted model')
+    p.add_argument('frames', type=Path, help='the video the model represents: a folder of images or a video file')
+    p.add_argument('--out', '-o', type=Path, required=True, help='bitstream file to write')
+    p.add_argument('--prune', type=float, default=0.1, help='fraction of decoder weights pruned (default 0.1)')
+    p.add_argument('--bits', type=int, default=8, help='quantisation bits for weights and embeddings (default 8)')
+    p.add_argument('--max-frames', type=int, help='use the first frames only')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser('decode', help='bitstream -> frames (a folder of PNGs, or .mp4/.mkv/.mov)')
+    p.add_argument('bitstream', type=Path)
+    p.add_argument('out', type=Path)
+    p.add_argument('--fps', type=int, default=25, help='frame rate of a video OUT (default 25)')
+    p.set_defaults(func=_cmd_decode)
     return parser
 
 

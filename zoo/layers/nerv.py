@@ -1,0 +1,68 @@
+"""Pieces shared by the NeRV-style video decoders (HNeRV, NeRV, NeRV++).
+
+`NeRVBlock` is the upsampling block of all three papers: a conv to C_out * s^2 channels, PixelShuffle(s), an
+activation. `NeRVPositionalEncoding` is NeRV's frame-index encoding, which NeRV++ reuses unchanged.
+"""
+import math
+from typing import Union, Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import get_act_layer
+
+# Official `--act` names -> timm activation names (timm's 'gelu' is the exact, erf-based GELU).
+OFFICIAL_ACTIVATIONS = {'gelu': 'gelu', 'relu': 'relu', 'swish': 'silu', 'silu': 'silu'}
+
+
+def act_layer_from_official(name: str) -> str:
+    """The timm activation for an official `act` argument, or a clear error for one the zoo does not build."""
+    if name not in OFFICIAL_ACTIVATIONS:
+        raise ValueError(f'activation {name!r} is not supported; choose one of {", ".join(OFFICIAL_ACTIVATIONS)}')
+    return OFFICIAL_ACTIVATIONS[name]
+
+
+class NeRVBlock(nn.Module):
+    """Conv(k x k, C_in -> C_out * s^2, 'same' padding) -> PixelShuffle(s) -> activation.
+
+    With stride 1 the shuffle is an identity, which makes the block a plain conv + activation (HNeRV's
+    1x1 "FC" stem).
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            kernel_size: int = 3,
+            act_layer: Union[str, Callable] = 'gelu',
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs * stride * stride, kernel_size, padding=(kernel_size - 1) // 2)
+        self.shuffle = nn.PixelShuffle(stride) if stride > 1 else nn.Identity()
+        self.act = get_act_layer(act_layer)()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.shuffle(self.conv(x)))
+
+
+class NeRVPositionalEncoding(nn.Module):
+    """NeRV's encoding of t = index / num_frames: [sin(b^0 pi t), cos(b^0 pi t), sin(b^1 pi t), ...].
+
+    Interleaved sines and cosines, each argument computed in float32 as (t * b^k) * pi, left to right,
+    as the official `PositionalEncoding` does: at 80 levels the arguments reach ~1e7 and float32 rounding
+    changes the values, so this order is part of what trained weights expect.
+    """
+
+    def __init__(self, base: float = 1.25, levels: int = 80):
+        super().__init__()
+        self.base = base
+        self.levels = levels
+        self.embed_dim = 2 * levels
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.float()
+        values = []
+        for k in range(self.levels):
+            arg = t * self.base ** k * math.pi
+            values += [torch.sin(arg), torch.cos(arg)]
+        return torch.stack(values, 1)
