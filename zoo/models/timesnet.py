@@ -148,12 +148,13 @@ class TimesNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """A clear error for batches the model cannot take (channels, or sides not a multiple of 32)."""
         check_image_input(x, self.in_chans)
-        if x.shape[-2] % self.reduction or x.shape[-1] % self.reduction:
-            h, w = x.shape[-2:]
-            fit = lambda n: max(self.reduction, round(n / self.reduction) * self.reduction)  # noqa: E731
+        r = self.reduction
+        h, w = x.shape[-2:]
+        if h % r or w % r:
+            fit_h, fit_w = (max(r, round(n / r) * r) for n in (h, w))
             raise ValueError(
-                f'×Net needs image sides that are multiples of {self.reduction} (the encoder stride, undone by '
-                f'the reversed decoder); got {h}x{w}. Resize or pad to e.g. {fit(h)}x{fit(w)}')
+                f'×Net needs image sides that are multiples of {r} (the encoder stride, undone by the reversed '
+                f'decoder); got {h}x{w}. Resize or pad to e.g. {fit_h}x{fit_w}')
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
