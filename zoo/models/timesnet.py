@@ -112,17 +112,16 @@ class TimesNet(nn.Module):
         self.max_depth = max_depth
         self.in_chans = in_chans
 
-        self.encoder = timm.create_model(
-            encoder, **dict(dict(pretrained=pretrained_backbones, features_only=True, in_chans=in_chans),
-                            **(encoder_kwargs or {})))
+        encoder_args = dict(pretrained=pretrained_backbones, features_only=True, in_chans=in_chans)
+        self.encoder = timm.create_model(encoder, **{**encoder_args, **(encoder_kwargs or {})})
         enc_chs, enc_reduction = self.encoder.feature_info.channels()[-1], self.encoder.feature_info.reduction()[-1]
         if enc_reduction != _REDUCTIONS[-1]:
             raise ValueError(
                 f'encoder {encoder} ends at stride {enc_reduction}; ×Net needs an encoder whose last feature map '
                 f'is at stride {_REDUCTIONS[-1]}')
 
-        classifier = timm.create_model(
-            decoder, **dict(dict(pretrained=pretrained_backbones, in_chans=in_chans), **(decoder_kwargs or {})))
+        decoder_args = dict(pretrained=pretrained_backbones, in_chans=in_chans)
+        classifier = timm.create_model(decoder, **{**decoder_args, **(decoder_kwargs or {})})
         stages = getattr(classifier, 'stages', None)
         reductions = tuple(f['reduction'] for f in getattr(classifier, 'feature_info', ()))
         if not hasattr(classifier, 'stem') or stages is None or reductions != _REDUCTIONS or not all(
