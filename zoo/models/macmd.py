@@ -351,7 +351,8 @@ class MACMD(nn.Module):
             encoder, pretrained=pretrained_encoder, num_classes=0, drop_path_rate=drop_path_rate)
         embed_dims = [info['num_chs'] for info in self.encoder.feature_info][-4:]
         self.decoder = MACMDDecoder(embed_dims)
-        self.head = nn.Conv2d(32, num_classes, 1)
+        self.num_features = 32  # channels of the main head's input (timm's name; config.json records it)
+        self.head = nn.Conv2d(self.num_features, num_classes, 1)
         self.aux_heads = nn.ModuleList([nn.Conv2d(embed_dims[0], num_classes, 1), nn.Conv2d(embed_dims[1], num_classes, 1)])
 
     def _check_input(self, x: torch.Tensor) -> None:
@@ -520,8 +521,8 @@ def _cfg(**kwargs) -> Dict:
 default_cfgs = generate_default_cfgs({
     'macmd_pvt_v2_b2.untrained': _cfg(
         notes=(
-            'The authors\' Synapse checkpoint (Google Drive id 132wfiwJYy1BGdl4b1mjUanG7LzwDrIj2, `best.pth`) '
-            'cannot be fetched without a browser. Download it, then `zoo convert macmd best.pth --out DIR` '
+            'Official weights do exist, but not in a form the zoo can fetch: the authors\' Synapse checkpoint '
+            'is on Google Drive (id 132wfiwJYy1BGdl4b1mjUanG7LzwDrIj2, `best.pth`). Download it by hand, then `zoo convert macmd best.pth --out DIR` '
             'writes a Hub folder for `timm.create_model("local-dir:DIR")`. It holds no weights for the APM '
             'up-blocks, which the official code re-creates at random on every call: they keep their '
             'initialisation, so fine-tune before trusting its outputs.',
@@ -546,8 +547,8 @@ card_info = dict(
         'repeatable), so official weights reproduce every other part of the decoder but not the APM branch '
         'until fine-tuned. Outputs are logits, not the official sigmoid outputs, and the official loss applies '
         'CE and softmax-Dice to those sigmoid outputs. The MaxViT variant named in the paper is not built: '
-        'its official code path is broken. The paper\'s tables could not be read offline; the figures below '
-        'come from the official test log. No licence file in the official repository.'),
+        'its official code path is broken. The paper\'s tables could not be read offline; the Synapse figures '
+        'above come from the official test log. No licence file in the official repository.'),
     variants={
         'macmd_pvt_v2_b2': 'PVTv2-B2 encoder; official model 34.60M params, 6.14 GMACs at 224x224 (computed); '
                            'Synapse test (official log): mean Dice 83.27%, HD95 14.92 mm',
