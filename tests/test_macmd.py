@@ -159,7 +159,8 @@ def test_synapse_manifest_loads_strictly_into_macmd_pvt_v2_b2(manifest, caplog):
     # what the zoo adds: the 27 up-block entries; what it leaves out: the 8 unused UpBlock LayerNorm entries
     added = [k for k in expected if k.startswith('decoder.apm.up_blocks.')]
     assert len(added) == 27 and len(expected) == manifest['num_state_dict_entries'] + 27 - 8
-    assert sorted(manifest['unused_in_forward']) == sorted(k for k in official if re.match(r'decoder\.decoder\d\.ln1\.', k))
+    unused_ln1 = sorted(k for k in official if re.match(r'decoder\.decoder\d\.ln1\.', k))
+    assert sorted(manifest['unused_in_forward']) == unused_ln1
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == manifest['num_params'] - 3_072 + 3 * 4_928 == 34_614_504
 
@@ -182,8 +183,11 @@ def test_three_channel_model_drops_the_grey_stem_and_other_encoders_are_refused(
     converted = macmd.checkpoint_filter_fn(official, model)
     assert not any(k.startswith(('conv.', 'stem.')) for k in converted)
     assert set(converted) == set(model.state_dict())
-    with pytest.raises(ValueError, match="only the official PVTv2-B2.*'maxvit'"):
+    with pytest.raises(ValueError, match="only the official PVTv2 encoders.*'maxvit'"):
         macmd.create_from_official(n_classes=9, encoder='maxvit')
+    with torch.device('meta'):
+        small = macmd.create_from_official(n_classes=2, n_channels=3, encoder='pvt_v2_b0')
+    assert [m.conv.in_channels for m in small.decoder.apm.channel_proj] == [32, 64, 160, 256]
 
 
 def test_checkpoint_of_another_architecture_is_refused_with_its_keys():

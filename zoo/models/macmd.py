@@ -353,7 +353,7 @@ class MACMD(nn.Module):
         self.decoder = MACMDDecoder(embed_dims)
         self.num_features = 32  # channels of the main head's input (timm's name; config.json records it)
         self.head = nn.Conv2d(self.num_features, num_classes, 1)
-        self.aux_heads = nn.ModuleList([nn.Conv2d(embed_dims[0], num_classes, 1), nn.Conv2d(embed_dims[1], num_classes, 1)])
+        self.aux_heads = nn.ModuleList([nn.Conv2d(c, num_classes, 1) for c in embed_dims[:2]])  # strides 4, 8
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_chans, OUTPUT_STRIDE)
@@ -400,11 +400,12 @@ def create_from_official(**official_kwargs) -> nn.Module:
     if 'embed_dims' in official_kwargs:
         return MACMDDecoder(official_kwargs['embed_dims'])
     encoder = official_kwargs.get('encoder', 'pvt_v2_b2')
-    if encoder != 'pvt_v2_b2':
+    if not re.fullmatch(r'pvt_v2_b[0-5]', encoder):
         raise ValueError(
-            f'only the official PVTv2-B2 model is built (the other official encoders are broken or mislabelled '
-            f'in network.py), got encoder={encoder!r}')
-    return MACMD(num_classes=official_kwargs.get('n_classes', 9), in_chans=official_kwargs.get('n_channels', 1))
+            f'only the official PVTv2 encoders (pvt_v2_b0 ... pvt_v2_b5) are built; network.py\'s MaxViT branch '
+            f'is broken and its ResNet channel lists are wrong. Got encoder={encoder!r}')
+    return MACMD(
+        num_classes=official_kwargs.get('n_classes', 9), in_chans=official_kwargs.get('n_channels', 1), encoder=encoder)
 
 
 # Official decoder key -> zoo decoder key, applied in order.
@@ -522,10 +523,10 @@ default_cfgs = generate_default_cfgs({
     'macmd_pvt_v2_b2.untrained': _cfg(
         notes=(
             'Official weights do exist, but not in a form the zoo can fetch: the authors\' Synapse checkpoint '
-            'is on Google Drive (id 132wfiwJYy1BGdl4b1mjUanG7LzwDrIj2, `best.pth`). Download it by hand, then `zoo convert macmd best.pth --out DIR` '
-            'writes a Hub folder for `timm.create_model("local-dir:DIR")`. It holds no weights for the APM '
-            'up-blocks, which the official code re-creates at random on every call: they keep their '
-            'initialisation, so fine-tune before trusting its outputs.',
+            'is on Google Drive (id 132wfiwJYy1BGdl4b1mjUanG7LzwDrIj2, `best.pth`). Download it by hand, then '
+            '`zoo convert macmd best.pth --out DIR` writes a Hub folder for `timm.create_model("local-dir:DIR")`. '
+            'It holds no weights for the APM up-blocks, which the official code re-creates at random on every '
+            'call: they keep their initialisation, so fine-tune before trusting its outputs.',
             'pretrained=True loads only the PVTv2-B2 encoder (timm `pvt_v2_b2.in1k`), as the official training '
             'does; the decoder starts at PyTorch\'s default initialisation. Input: 1-channel slices scaled '
             'to [0, 1] (Synapse preprocessing: HU clipped to [-125, 275]).',

@@ -165,7 +165,8 @@ def predict_mask(model: nn.Module, image: Image.Image) -> np.ndarray:
     in_chans = getattr(model, 'in_chans', in_chans)
     resized = image.convert('L' if in_chans == 1 else 'RGB').resize((width, height), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.).reshape(height, width, in_chans)
-    x = ((x - _per_channel(cfg.get('mean', 0.), in_chans)) / _per_channel(cfg.get('std', 1.), in_chans)).permute(2, 0, 1).unsqueeze(0)
+    x = (x - _per_channel(cfg.get('mean', 0.), in_chans)) / _per_channel(cfg.get('std', 1.), in_chans)
+    x = x.permute(2, 0, 1).unsqueeze(0)
     device = next(model.parameters()).device
     with torch.no_grad():
         logits = model(x.to(device)).float().cpu()
