@@ -171,16 +171,17 @@ class ResNetEncoder(nn.Module):
         return self.body(x)
 
 
-def create_encoder(name: str, pretrained: bool = False, drop_path_rate: Optional[float] = None) -> nn.Module:
-    """An iDisc encoder from a timm model name (`name[.tag]`): ResNet, EfficientNet or Swin."""
+def create_encoder(name: str, pretrained: bool = False, drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
+    """An iDisc encoder from a timm model name (`name[.tag]`): ResNet, EfficientNet or Swin; kwargs go to timm."""
     arch = timm.models.split_model_name_tag(name)[0]
     if arch.startswith('swin_'):
         if drop_path_rate is None:
             drop_path_rate = next((r for k, r in _SWIN_DROP_PATH.items() if arch.startswith(k)), 0.)
         return SwinEncoder(timm.create_model(
             name, pretrained=pretrained, num_classes=0, strict_img_size=False, always_partition=True,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate))
-    kwargs = {} if drop_path_rate is None else dict(drop_path_rate=drop_path_rate)
+            norm_layer=partial(nn.LayerNorm, eps=1e-6), drop_path_rate=drop_path_rate, **kwargs))
+    if drop_path_rate is not None:
+        kwargs['drop_path_rate'] = drop_path_rate
     if 'efficientnet' in arch:
         return EfficientNetEncoder(timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs))
     if arch.startswith('resnet'):
