@@ -332,7 +332,7 @@ class AFPScale(nn.Module):
         self.mlp = Mlp(latent_dim, int(latent_dim * mlp_ratio), act_layer=nn.GELU)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        idrs = self.latents.expand(pixels.shape[0], -1, -1)
+        idrs = self.latents.repeat(pixels.shape[0], 1, 1)
         for _ in range(self.depth):
             idrs = idrs + self.attn(idrs, pixels)
             idrs = idrs + self.mlp(self.norm(idrs))
@@ -594,14 +594,21 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: IDisc) -> D
     resnet = isinstance(model.encoder, ResNetEncoder)
     out = {}
     for key, value in state_dict.items():
-        if key.endswith('relative_position_index') or (resnet and key.startswith('pixel_encoder.fc.')):
-            continue
-        if resnet and key.startswith('pixel_encoder.'):
-            key = 'encoder.body.' + key.removeprefix('pixel_encoder.')
-        for pattern, replacement in _OFFICIAL_KEY_RENAMES:
-            key = re.sub(pattern, replacement, key)
-        out[key] = value
+        zoo_key = rename_official_key(key, resnet)
+        if zoo_key is not None:
+            out[zoo_key] = value
     return out
+
+
+def rename_official_key(key: str, resnet: bool = False) -> Optional[str]:
+    """The zoo key of an official iDisc key, or None for what the zoo drops (see `checkpoint_filter_fn`)."""
+    if key.endswith('relative_position_index') or (resnet and key.startswith('pixel_encoder.fc.')):
+        return None
+    if resnet and key.startswith('pixel_encoder.'):
+        return 'encoder.body.' + key.removeprefix('pixel_encoder.')
+    for pattern, replacement in _OFFICIAL_KEY_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
 # ---------------------------------------------------------------------------------------------------------------
