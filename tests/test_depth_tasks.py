@@ -11,7 +11,8 @@ from PIL import Image
 import zoo
 from zoo.tasks import save_prediction
 from zoo.tasks.depth import (
-    DepthMetrics, SILogLoss, depth_metrics, eval_mask, kitti_benchmark_crop, save_depth_picture, save_normals_picture)
+    DepthMetrics, SILogLoss, depth_metrics, eval_mask, image_to_tensor, kitti_benchmark_crop, save_depth_picture,
+    save_normals_picture)
 
 # pred / gt = 1, 1.2, 1.5, 3 on one image of four valid pixels
 PRED = torch.tensor([1., 1.2, 1.5, 3.]).view(1, 1, 2, 2)
@@ -142,3 +143,10 @@ def test_normals_picture(tmp_path):
     assert out.name == 'room.normals.png'
     assert np.asarray(Image.open(out)).shape == (40, 56, 3)
     assert save_normals_picture(model, _image(32, 32), tmp_path / 'n.png').is_file()
+
+
+def test_image_to_tensor_keeps_the_size_and_normalises(small_depth_model):
+    image = Image.fromarray(np.full((30, 50, 3), 255, dtype=np.uint8))
+    x = image_to_tensor(small_depth_model, image)
+    assert x.shape == (1, 3, 30, 50)
+    torch.testing.assert_close(x[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))

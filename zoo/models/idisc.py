@@ -694,10 +694,9 @@ card_info = dict(
         'which is dropped on load (55.2M params here, 57.2M in the official count). The deformable attention runs '
         'on plain PyTorch (grid_sample), slower than the official CUDA op.'),
     usage=(
-        'config = timm.data.resolve_model_data_config(model)\n'
-        'image = timm.data.create_transform(**config)(pil_image)  # any size; no crop\n'
-        'depth = model(image[None])  # (1, 1, H, W), metres\n'
-        'zoo.tasks.depth.save_depth_picture(model, pil_image, "depth.png")'),
+        'from zoo.tasks.depth import image_to_tensor, save_depth_picture\n'
+        'depth = model(image_to_tensor(model, pil_image))  # (1, 1, H, W) in metres, at the image size\n'
+        'save_depth_picture(model, pil_image, "depth.png")  # colourised'),
     variants={
         'idisc_resnet101': 'ResNet-101 encoder (torchvision ImageNet weights); README: NYU AbsRel .109, RMSE .380; '
                            'KITTI AbsRel .059, RMSE 2.362',

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'colorize_depth', 'depth_metrics', 'eval_mask', 'kitti_benchmark_crop',
-    'save_depth_picture', 'save_normals_picture',
+    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'colorize_depth', 'depth_metrics', 'eval_mask', 'image_to_tensor',
+    'kitti_benchmark_crop', 'save_depth_picture', 'save_normals_picture',
 ]
 
 # Depth caps and crop of each benchmark (official dataset classes).
@@ -159,16 +159,21 @@ class DepthMetrics:
 # Pictures for `zoo predict`
 
 
-def _predict(model: nn.Module, image) -> torch.Tensor:
-    """The model's output for a PIL image, normalised with its data config, at the image's own size."""
+def image_to_tensor(model: nn.Module, image) -> torch.Tensor:
+    """A PIL image as a (1, 3, H, W) batch normalised with the model's mean and std, at its own size (no crop),
+    on the model's device and in its dtype."""
     from timm.data import resolve_model_data_config
 
     config = resolve_model_data_config(model)
     x = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.).permute(2, 0, 1)
     x = (x - torch.tensor(config['mean']).view(3, 1, 1)) / torch.tensor(config['std']).view(3, 1, 1)
     param = next(model.parameters())
+    return x[None].to(device=param.device, dtype=param.dtype)
+
+
+def _predict(model: nn.Module, image) -> torch.Tensor:
     with torch.no_grad():
-        return model.eval()(x[None].to(device=param.device, dtype=param.dtype))[0].float().cpu()
+        return model.eval()(image_to_tensor(model, image))[0].float().cpu()
 
 
 def _write_png(rgb: np.ndarray, out_path: Union[str, Path]) -> Path:
