@@ -21,7 +21,10 @@ from official_layout import load_manifest, placeholder_state_dict
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'idisc'
 HEAD_CASES = ['head_r50_nyu', 'head_swint_kitti', 'head_swinl_nyunormals']
-MANIFESTS = sorted(p.stem for p in (FIXTURES / 'manifests').glob('*.json'))
+# evaluation configs that build a training config's network, and that config
+EVAL_MANIFESTS = {'nyu_sunrgbd': 'nyu_swinl', 'nyu_diode': 'nyu_swinl', 'kitti_argo': 'kitti_swinl',
+                  'kitti_ddad': 'kitti_swinl'}
+MANIFESTS = sorted(p.stem for p in (FIXTURES / 'manifests').glob('*.json') if p.stem not in EVAL_MANIFESTS)
 RESNET_FC = 2048 * 1000 + 1000  # the official ResNet checkpoints keep torchvision's unused classifier
 
 
@@ -100,18 +103,6 @@ def test_swin_encoder_reproduces_the_official_swin_at_native_size(size):
             check(encoder(x), atol=1e-2)
 
 
-@pytest.mark.parametrize('name', MANIFESTS)
-def test_full_size_manifest_loads_strictly(name):
-    manifest = load_manifest('idisc', name)
-    with torch.device('meta'):
-        model = create_from_official(manifest['config'])
-    converted = checkpoint_filter_fn(placeholder_state_dict(manifest), model)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
-    fc = RESNET_FC if 'pixel_encoder.fc.weight' in manifest['state_dict'] else 0
-    assert sum(p.numel() for p in model.parameters()) == manifest['num_params'] - fc
-
-
 # registered name.tag -> official manifest of the same network
 TAGS = {
     'idisc_resnet101.nyu': 'nyu_r101', 'idisc_resnet101.kitti': 'kitti_r101',
@@ -123,24 +114,59 @@ TAGS = {
 }
 
 
-def test_every_tag_builds_the_network_of_its_official_config():
+MANIFEST_TAGS = {manifest: name for name, manifest in TAGS.items()}
+
+
+@pytest.mark.parametrize('name', MANIFESTS)
+def test_full_size_manifest_loads_strictly(name):
+    """Every official config's checkpoint layout loads into the zoo model: the registered name.tag where one
+    exists (so the tag picks the config's network), else the model `from_official` builds for the config."""
+    manifest = load_manifest('idisc', name)
+    tag = MANIFEST_TAGS.get(name)
+    with torch.device('meta'):
+        model = timm.create_model(f'zoo/{tag}') if tag else create_from_official(manifest['config'])
+    converted = checkpoint_filter_fn(placeholder_state_dict(manifest), model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+    fc = RESNET_FC if 'pixel_encoder.fc.weight' in manifest['state_dict'] else 0
+    assert sum(p.numel() for p in model.parameters()) == manifest['num_params'] - fc
+    assert model.task == ('normals' if manifest['config']['model']['output_dim'] == 4 else 'depth')
+    if tag:
+        assert model.pretrained_cfg['tag'] == tag.split('.')[1] and model.pretrained_cfg['url'].endswith('.pt')
+
+
+@pytest.mark.parametrize('name', sorted(EVAL_MANIFESTS))
+def test_evaluation_manifests_are_their_training_network(name):
+    manifest, twin = load_manifest('idisc', name), load_manifest('idisc', EVAL_MANIFESTS[name])
+    assert manifest['state_dict'] == twin['state_dict'] and manifest['num_params'] == twin['num_params']
+    assert idisc.model_args_from_official(manifest['config']) == idisc.model_args_from_official(twin['config'])
+
+
+@pytest.mark.parametrize('encoder', ['tf_efficientnet_b0', 'swin_tiny_patch4_window7_224'])
+def test_any_input_size_is_taken(encoder):
+    """The official model pads (Swin) or rounds up (convs) internally, so no size multiple is required."""
+    kwargs = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 6)) if encoder.startswith('swin') else {}
+    model = idisc.IDisc(encoder=None, encoder_channels=(8, 8, 8, 8), hidden_dim=16, latent_dim=8, num_latents=4)
+    model.encoder = create_encoder(encoder, **kwargs)
+    model.decoder = idisc.PixelDecoder(model.encoder.channels[::-1], 16)
+    model.eval()
+    for size in [(37, 53), (8, 8)]:
+        with torch.no_grad():
+            depth = model(torch.randn(1, 3, *size))
+        assert depth.shape == (1, 1, *size) and (depth > 0).all()
+
+
+def test_tags_pick_the_dataset_settings():
     assert sorted(zoo.list_models('idisc_*', pretrained=True)) == sorted(TAGS)
-    models = {}
-    for name, manifest_name in TAGS.items():
-        manifest = load_manifest('idisc', manifest_name)
-        with torch.device('meta'):
-            model = models[name] = timm.create_model(f'zoo/{name}')
-        converted = checkpoint_filter_fn(placeholder_state_dict(manifest), model)
-        assert set(converted) == set(model.state_dict()), name
-        assert model.task == ('normals' if 'normals' in name else 'depth')
-        assert model.pretrained_cfg['url'].endswith('.pt') and model.pretrained_cfg['tag'] == name.split('.')[1]
-    nyu, kitti = models['idisc_swin_tiny.nyu'], models['idisc_swin_tiny.kitti']
+    with torch.device('meta'):
+        nyu, kitti = timm.create_model('idisc_resnet101.nyu'), timm.create_model('idisc_resnet101.kitti')
+        default = timm.create_model('idisc_resnet101')
     assert (len(nyu.decoder.layers), nyu.decoder.layers[0].attn.n_points) == (4, 4)
     assert (len(kitti.decoder.layers), kitti.decoder.layers[0].attn.n_points) == (6, 8)
-    assert kitti.pretrained_cfg['input_size'] == (3, 352, 1216)
-    # GMACs (conv, linear, matmul) of the official models at 640x480, counted with the official code (research notes)
-    assert count_gmacs(models['idisc_resnet101.nyu'], (3, 480, 640)) == pytest.approx(180.3, abs=0.1)
-    assert count_gmacs(nyu, (3, 480, 640)) == pytest.approx(159.1, abs=0.1)
+    assert kitti.pretrained_cfg['input_size'] == (3, 352, 1216) and nyu.pretrained_cfg['input_size'] == (3, 480, 640)
+    assert default.pretrained_cfg['tag'] == 'nyu' and len(default.decoder.layers) == 4
+    # GMACs (conv, linear, matmul) of the official model at 640x480, counted with the official code (research notes)
+    assert count_gmacs(nyu, (3, 480, 640)) == pytest.approx(180.3, abs=0.1)
 
 
 def _official_checkpoint_from_head_case(encoder_name='resnet50'):
