@@ -52,11 +52,12 @@ OFFICIAL_ENCODERS = {
 # Stochastic depth of the official Swin encoders (T, S, B, L).
 _SWIN_DROP_PATH = {'swin_tiny': 0.2, 'swin_small': 0.3, 'swin_base': 0.5, 'swin_large': 0.2}
 
-# Per-dataset settings of the official configs, chosen by the pretrained tag.
+# Model arguments of the official config of each dataset, chosen by the pretrained tag (depth caps and
+# evaluation crops are in `zoo.tasks.depth.EVAL_SETTINGS`).
 SETTINGS = {
-    'nyu': dict(model_args=dict(decoder_depth=4, decoder_points=4), max_depth=10., crop='eigen'),
-    'kitti': dict(model_args=dict(decoder_depth=6, decoder_points=8), max_depth=80., crop='garg'),
-    'nyu_normals': dict(model_args=dict(decoder_depth=4, decoder_points=4, output_dim=4)),
+    'nyu': dict(decoder_depth=4, decoder_points=4),
+    'kitti': dict(decoder_depth=6, decoder_points=8),
+    'nyu_normals': dict(decoder_depth=4, decoder_points=4, output_dim=4),
 }
 
 
@@ -621,7 +622,7 @@ def _create_idisc(variant: str, pretrained: bool = False, **kwargs) -> IDisc:
 
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    setting_args = SETTINGS.get(cfg.tag, SETTINGS['nyu'])['model_args']
+    setting_args = SETTINGS.get(cfg.tag, SETTINGS['nyu'])
     model = build_zoo_model(
         IDisc, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**setting_args, **kwargs})
     model._model_args = dict(setting_args)  # exported to config.json, so a saved KITTI model reloads as one
