@@ -7,7 +7,6 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import zoo  # noqa: F401  registers the models
 from zoo.convert import from_official
 from zoo.hub import CheckpointError
 from zoo.models import hnerv

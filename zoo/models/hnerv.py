@@ -27,7 +27,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtBlock
 
-from zoo.layers.nerv import NeRVBlock, act_layer_from_official
+from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_size
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
 
@@ -50,20 +50,6 @@ def decoder_kernels(num_stages: int, kernel_sizes: Tuple[int, int]) -> List[int]
     """Kernel of stage i: min(k_min + 2i, k_max), e.g. 1, 3, 5, 5, 5 for (1, 5)."""
     k_min, k_max = kernel_sizes
     return [min(k_min + 2 * i, k_max) for i in range(num_stages)]
-
-
-def check_frame_size(frame_size: Tuple[int, int], strides: Sequence[int]) -> None:
-    """Raise a ValueError naming the sizes that work when `frame_size` is not a multiple of prod(strides)."""
-    multiple = math.prod(strides)
-    bad = [(name, n) for name, n in zip(('height', 'width'), frame_size) if n % multiple or n <= 0]
-    if bad:
-        nearest = ', '.join(
-            f'{name} {n} -> {max(n // multiple, 1) * multiple}' + (f' or {(n // multiple + 1) * multiple}' if n > multiple else '')
-            for name, n in bad)
-        raise ValueError(
-            f'frame size {frame_size[0]}x{frame_size[1]} cannot be reached with strides {tuple(strides)}: height and '
-            f'width must be multiples of {multiple} (= {"*".join(map(str, strides))}); nearest valid sizes: {nearest}. '
-            'Crop or resize the frames, or pass other enc_strides')
 
 
 def hnerv_fc_dim(
