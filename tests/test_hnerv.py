@@ -247,3 +247,15 @@ def test_wrong_checkpoints_and_unsupported_official_options_are_refused():
         hnerv.create_from_official(**dict(meta['constructor_kwargs'], norm='bn'))
     with pytest.raises(ValueError, match='fc_dim is required'):
         hnerv.create_from_official(**{k: v for k, v in meta['constructor_kwargs'].items() if k != 'fc_dim'})
+
+
+def test_hub_folder_round_trip_keeps_the_video_configuration(tmp_path):
+    from zoo.hub import load, save_pretrained
+    model = small_model(num_frames=5)
+    save_pretrained(model, tmp_path / 'fitted')
+    reloaded = load(tmp_path / 'fitted')
+    assert (reloaded.frame_size, reloaded.num_frames, reloaded.fc_dim) == ((80, 160), 5, 12)
+    assert reloaded.pretrained_cfg['input_size'] == (3, 80, 160)
+    embeddings = torch.rand(2, 16, 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.decode(embeddings), model.decode(embeddings), atol=0, rtol=0)

@@ -249,6 +249,7 @@ class HNeRV(nn.Module):
             self.embed_shape = (2 * self.pe_levels, 1, 1)
         self.fc_dim = fc_dim
         widths = decoder_widths(fc_dim, len(dec_strides), reduce, lower_width)
+        self.num_classes, self.num_features = 0, widths[-1]  # timm's Hub export reads both
         self.decoder = HNeRVDecoder(
             self.embed_shape[0], fc_dim, fc_hw, dec_strides, widths, decoder_kernels(len(dec_strides), kernel_sizes),
             depth=dec_depth, act_layer=act_layer, out_act=out_act)

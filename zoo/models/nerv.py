@@ -81,6 +81,7 @@ class NeRV(nn.Module):
                 heads[str(i)] = nn.Conv2d(width, 3, 1)
         self.blocks = nn.Sequential(*blocks)
         self.heads = nn.ModuleDict(heads)
+        self.num_classes, self.num_features = 0, width  # timm's Hub export reads both
 
     @staticmethod
     def _make_stem(in_dim: int, hidden: int, depth: int, out_dim: int, act_layer: str) -> nn.Module:
