@@ -259,3 +259,21 @@ def test_hub_folder_round_trip_keeps_the_video_configuration(tmp_path):
     embeddings = torch.rand(2, 16, 2, 4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.decode(embeddings), model.decode(embeddings), atol=0, rtol=0)
+
+
+def test_fast_decode_gives_the_plain_decoders_frames():
+    model = small_model(fc_dim=24)
+    layouts = []
+    model.decoder.blocks[1].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    embeddings = torch.randn(3, 16, 2, 4)
+    with torch.no_grad():
+        fast = model.decode(embeddings)
+        model.fast_decode = False
+        plain = model.decode(embeddings)
+    model.fast_decode = True
+    trained = model.decode(embeddings)  # autograd on: the training path is the plain one
+    assert layouts == [True, False, False]
+    assert fast.is_contiguous() and fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trained.detach(), plain, atol=0, rtol=0)

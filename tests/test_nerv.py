@@ -136,3 +136,14 @@ def test_wrong_checkpoints_and_unsupported_options_are_refused():
         nerv.create_from_official(**dict(kwargs, num_blocks=2))
     with pytest.raises(ValueError, match="activation 'sin'"):
         nerv.create_from_official(**dict(kwargs, act='sin'))
+
+
+def test_fast_decode_gives_the_plain_decoders_frames(small_model):
+    embeddings = small_model.encode(index=torch.arange(4))
+    with torch.no_grad():
+        fast = small_model.decode(embeddings)
+        small_model.fast_decode = False
+        plain = small_model.decode(embeddings)
+    small_model.fast_decode = True
+    assert fast.is_contiguous()
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)

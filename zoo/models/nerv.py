@@ -82,6 +82,7 @@ class NeRV(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.heads = nn.ModuleDict(heads)
         self.num_classes, self.num_features = 0, width  # timm's Hub export reads both
+        self.fast_decode = True
 
     @staticmethod
     def _make_stem(in_dim: int, hidden: int, depth: int, out_dim: int, act_layer: str) -> nn.Module:
@@ -114,16 +115,24 @@ class NeRV(nn.Module):
             raise ValueError(
                 f'expected embeddings of shape (B, {self.pos_embed.embed_dim}), got {tuple(embeddings.shape)}')
         x = self.stem(embeddings).view(-1, self.fc_dim, *self.fc_hw)
+        channels_last = self.fast_decode and not torch.is_grad_enabled()
+        if channels_last:  # NHWC convolutions: the same frames up to float rounding, faster on CPU
+            x = x.contiguous(memory_format=torch.channels_last)
         images = []
         for i, block in enumerate(self.blocks):
             x = block(x)
             if str(i) in self.heads:
                 y = self.heads[str(i)](x)
-                images.append(torch.tanh(y) * 0.5 + 0.5 if self.out_act == 'tanh' else torch.sigmoid(y))
+                y = torch.tanh(y) * 0.5 + 0.5 if self.out_act == 'tanh' else torch.sigmoid(y)
+                images.append(y.contiguous())
         return images
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Frames (B, 3, H, W) in [0, 1] from positional encodings (B, 2 * pe_levels)."""
+        """Frames (B, 3, H, W) in [0, 1] from positional encodings (B, 2 * pe_levels).
+
+        Without autograd and with `fast_decode` (the default) the blocks run in channels-last layout, as in
+        HNeRV; `model.fast_decode = False` gives the plain path.
+        """
         return self.forward_heads(embeddings)[-1]
 
     def forward(self, index: torch.Tensor = None, frames: torch.Tensor = None) -> torch.Tensor:
