@@ -1,4 +1,4 @@
-"""The `zoo` command: list, info, predict, convert, push, card, compress, decode."""
+"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce."""
 import argparse
 import json
 import sys
@@ -146,6 +146,31 @@ def _cmd_decode(args) -> None:
     print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
 
 
+def _cmd_reproduce(args) -> None:
+    from huggingface_hub import snapshot_download
+
+    from zoo import trainer
+
+    source = Path(args.source)
+    if not source.is_dir():
+        name = args.source
+        if zoo.is_zoo_model(name.split('.')[0]):
+            cfg = timm.models.get_pretrained_cfg(name) if '.' in name else None
+            where = cfg and (cfg.hf_hub_id or cfg.url)
+            raise ValueError(
+                f'{name} has no zoo-made weights to re-run: ' + (f'its weights ({where}) are the authors\' own. '
+                                                                 if where else 'it has no published weights. ')
+                + 'zoo reproduce re-runs weights made by training/train.py: give their Hub folder or repo id')
+        source = Path(snapshot_download(name, allow_patterns=['*.json', '*.yaml', '*.md', '*.safetensors']))
+    out = args.output_dir or Path('runs') / f'reproduce-{source.name}'
+    result = trainer.reproduce(source, out, data=args.data, rtol=args.rtol)
+    print(f'{result["verdict"]}: re-ran the recipe of {source} into {out}')
+    print(f'  published  sha256 {result["published_sha256"]}  {json.dumps(result["published"])}')
+    print(f'  reproduced sha256 {result["reproduced_sha256"]}  {json.dumps(result["reproduced"])}')
+    if result['verdict'] == 'differs':
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -203,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('out', type=Path)
     p.add_argument('--fps', type=int, default=25, help='frame rate of a video OUT (default 25)')
     p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser('reproduce', help='re-run the recipe behind zoo-trained weights and compare the result')
+    p.add_argument('source', help='a Hub folder or repo id written by training/train.py')
+    p.add_argument('--data', help='where the training data is on this machine (default: as recorded)')
+    p.add_argument('--output-dir', type=Path, help='default: runs/reproduce-<name>')
+    p.add_argument('--rtol', type=float, default=0.01, help='relative tolerance on metrics when not bit-exact')
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 

@@ -1,0 +1,198 @@
+"""Fitting a neural video representation (HNeRV, NeRV, NeRV++) to one video, for `zoo.trainer`.
+
+The data is the video itself: `--data` or the recipe's `data.path` names a folder of frames or a video file,
+resized to `model_args.frame_size` when the recipe sets one. `data.demo_clip` instead makes a clip from one of
+scikit-image's sample photographs (a slow pan and zoom), so a fit can run with no download at all. The frame
+count and size of the video become the model's `num_frames` and `frame_size`, so one recipe fits any video.
+
+After training, `report` does what a user of a fitted video wants to see: it loads the Hub folder back through
+`timm.create_model("local-dir:...")`, decodes every frame, compresses the model to a bitstream, and prints PSNR,
+MS-SSIM, bits per pixel and decode speed, with a side-by-side PNG of original and decoded frames.
+"""
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
+
+_frames_cache: Dict[Tuple, torch.Tensor] = {}
+
+
+def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: Tuple[int, int] = (96, 192),
+                   zoom: float = 0.35) -> torch.Tensor:
+    """A clip (T, 3, H, W) in [0, 1]: a window that pans down and zooms in across a scikit-image photograph.
+
+    The window keeps the frame's aspect ratio, starts as the widest the photo allows and shrinks by `zoom`,
+    eased with a cosine so the motion starts and ends slowly; sampling is bilinear, so motion is sub-pixel.
+    """
+    import skimage.data
+
+    if not hasattr(skimage.data, image):
+        raise ValueError(f'scikit-image has no sample image {image!r}; try astronaut, chelsea, coffee, rocket')
+    photo = np.asarray(getattr(skimage.data, image)())
+    if photo.ndim == 2:
+        photo = np.repeat(photo[..., None], 3, axis=-1)
+    photo = torch.from_numpy(photo[..., :3].copy()).permute(2, 0, 1).float().div(255)[None]
+    photo_h, photo_w = photo.shape[-2:]
+    height, width = frame_size
+    t = 0.5 - 0.5 * torch.cos(torch.linspace(0, math.pi, num_frames))
+    window_w = min(photo_w, photo_h * width / height) * (1 - zoom * t)
+    window_h = window_w * height / width
+    centre_x = torch.full_like(t, photo_w / 2)
+    centre_y = window_h / 2 + t * (photo_h - window_h)
+    theta = torch.zeros(num_frames, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1] = window_w / photo_w, window_h / photo_h
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * centre_x / photo_w - 1, 2 * centre_y / photo_h - 1
+    grid = F.affine_grid(theta, [num_frames, 3, height, width], align_corners=False)
+    frames = F.grid_sample(photo.expand(num_frames, -1, -1, -1), grid, mode='bilinear', align_corners=False)
+    return frames.clamp(0, 1)
+
+
+def load_video(recipe: Dict[str, Any], data: Optional[str] = None) -> torch.Tensor:
+    """The frames a recipe (or `--data`) names, read once per process."""
+    spec = recipe['data']
+    frame_size = recipe['model_args'].get('frame_size')
+    frame_size = tuple(frame_size) if frame_size else None
+    source = data or spec.get('path')
+    if source is None and 'demo_clip' not in spec:
+        raise ValueError('no video: give --data (a folder of frames or a video file), or data.path or '
+                         'data.demo_clip in the recipe')
+    key = (source, json.dumps(spec.get('demo_clip'), sort_keys=True), frame_size, spec.get('max_frames'))
+    if key not in _frames_cache:
+        if source is not None:
+            frames = read_frames(source, frame_size=frame_size, max_frames=spec.get('max_frames'))
+        else:
+            clip = dict(spec['demo_clip'])
+            clip.setdefault('frame_size', frame_size or (96, 192))
+            frames = make_demo_clip(**clip)
+        _frames_cache[key] = frames
+    return _frames_cache[key]
+
+
+def model_kwargs(recipe: Dict[str, Any], data: Optional[str] = None) -> Dict[str, Any]:
+    """The recipe's model arguments, with `frame_size` and `num_frames` taken from the video."""
+    frames = load_video(recipe, data)
+    return {**recipe['model_args'], 'frame_size': tuple(frames.shape[-2:]), 'num_frames': len(frames)}
+
+
+class VideoFrames(torch.utils.data.Dataset):
+    """(frame, frame index) pairs of one video."""
+
+    def __init__(self, frames: torch.Tensor):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int):
+        return self.frames[index], index
+
+
+def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str] = None, output_dir=None):
+    """The video is both the training set and the evaluation set: a representation is fitted to it."""
+    frames = VideoFrames(load_video(recipe, data))
+    return frames, frames, None
+
+
+def make_loss(recipe: Dict[str, Any], model: torch.nn.Module):
+    """The recipe's `loss` ('l2' for HNeRV, 'fusion6' for NeRV / NeRV++) between decoded and true frames."""
+    loss = fitting_loss(recipe.get('loss', 'l2'))
+
+    def loss_fn(model, batch):
+        frames, index = batch
+        return loss(model(frames=frames, index=index), frames)
+    return loss_fn
+
+
+@torch.no_grad()
+def _reconstruct(model: torch.nn.Module, frames: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(frames), batch_size):
+        batch = frames[start:start + batch_size].to(device)
+        index = torch.arange(start, start + len(batch), device=device)
+        out.append(model(frames=batch, index=index).float().cpu())
+    return torch.cat(out)
+
+
+def _quality(decoded: torch.Tensor, frames: torch.Tensor) -> Dict[str, float]:
+    """Per-frame-mean PSNR (dB), as HNeRV reports it, and MS-SSIM where frames are large enough for it."""
+    metrics = {'psnr': psnr(decoded, frames).mean().item()}
+    if min(frames.shape[-2:]) > 160:
+        metrics['ms_ssim'] = ms_ssim(decoded, frames).mean().item()
+    return metrics
+
+
+def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set: VideoFrames, accelerator) -> Dict[str, float]:
+    return _quality(_reconstruct(model.to(accelerator.device), eval_set.frames), eval_set.frames)
+
+
+@torch.inference_mode()
+def decode_speed(model: torch.nn.Module, embeddings: torch.Tensor, repeats: int = 1) -> float:
+    """Frames per second of `model.decode`, one frame at a time, after one warm-up frame."""
+    model.decode(embeddings[:1])
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for embedding in embeddings.split(1):
+            model.decode(embedding)
+    return repeats * len(embeddings) / (time.perf_counter() - start)
+
+
+def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, columns: int = 4) -> Path:
+    """A PNG with `columns` frames spread over the video: originals on top, decoded frames below."""
+    picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long()
+    rows = [torch.cat(list(frames[picks]), dim=-1) for frames in (original, decoded)]
+    grid = torch.cat(rows, dim=-2).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+    return path
+
+
+def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics: Dict[str, Any],
+           output_dir: Path) -> Dict[str, Any]:
+    """Load the Hub folder back with timm, decode, compress, and print what the fit achieved."""
+    frames = eval_set.frames
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    with torch.no_grad():
+        if model.stored_embeddings:
+            embeddings = torch.cat([model.encode(frames=batch) for batch in frames.split(4)])
+        else:
+            embeddings = model.encode(index=torch.arange(len(frames)))
+    reloaded = _quality(torch.cat([model.decode(e) for e in embeddings.split(4)]).float(), frames)
+    fps = decode_speed(model, embeddings)
+    bitstream = output_dir / 'video.zoo'
+    compressed = compress(model, bitstream, frames=frames)
+    decoded = decode_video(bitstream)
+    picture = side_by_side(frames, decoded, output_dir / 'side_by_side.png')
+    if recipe['data'].get('demo_clip') is not None:
+        write_frames(frames, output_dir / 'clip')
+    height, width = frames.shape[-2:]
+    summary = {
+        **metrics,
+        'reloaded_psnr': reloaded['psnr'],
+        'decode_fps': fps,
+        'bitstream_bytes': compressed['bytes'],
+        'bpp': compressed['bpp'],
+        'bitstream_psnr': compressed['psnr'],
+        'bitstream_ms_ssim': compressed['ms_ssim'],
+    }
+    (output_dir / 'report.json').write_text(json.dumps(summary, indent=2) + '\n')
+    print(f'\n{recipe["model"]} fitted to {len(frames)} frames of {height}x{width} '
+          f'({model.size_params() / 1e6:.3f}M params by the paper\'s size convention)')
+    print(f'  reloaded with timm.create_model("local-dir:{folder}")')
+    print(f'  PSNR          {reloaded["psnr"]:.2f} dB (per-frame mean, float weights)')
+    print(f'  bitstream     {compressed["bytes"]:,} bytes = {compressed["bpp"]:.4f} bits per pixel '
+          f'(10% pruned, 8-bit, entropy coded): {bitstream}')
+    print(f'  PSNR          {compressed["psnr"]:.2f} dB decoded from the bitstream'
+          + (f', MS-SSIM {compressed["ms_ssim"]:.4f}' if compressed['ms_ssim'] is not None else ''))
+    print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
+    print(f'  side by side  {picture} (top: original, bottom: decoded from the bitstream)')
+    return summary
