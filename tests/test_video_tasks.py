@@ -90,6 +90,8 @@ def test_writes_are_atomic_and_never_clobber_other_files(tmp_path):
         video.write_frames(torch.rand(2, 3, 31, 48), good)
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['good.mp4']  # no temp file left behind
+    with pytest.raises(ValueError, match='give a folder .* or a .mp4/.mkv/.mov video'):
+        video.write_frames(smooth_frames(), tmp_path / 'clip.avi')
     # a folder of our frames is replaced whole (no stale frames from a longer video) ...
     folder = video.write_frames(smooth_frames(t=5), tmp_path / 'frames')
     video.write_frames(smooth_frames(t=2), folder)

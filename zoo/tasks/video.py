@@ -164,12 +164,15 @@ def _replace_folder(staging: Path, target: Path) -> None:
 
 
 def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int = 18) -> Path:
-    """Write frames (T, 3, H, W) in [0, 1] as a video (.mp4/.mkv/.mov: H.264 at `crf`) or a folder of PNGs.
+    """Write frames (T, 3, H, W) in [0, 1] as a video (.mp4/.mkv/.mov: H.264 at `crf`) or a folder of PNGs
+    (a path without extension).
 
     Atomic: everything is written beside `path` first and moved over it only when complete, so a failed
     write never leaves a half video (or half a folder) in place of a good one.
     """
     path = Path(path)
+    if path.suffix and path.suffix.lower() not in VIDEO_FORMATS:
+        raise ValueError(f'cannot write {path}: give a folder (no extension) or a {"/".join(VIDEO_FORMATS)} video')
     arrays = _to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_FORMATS:
