@@ -7,7 +7,6 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import zoo  # noqa: F401  registers the models
 from zoo.convert import from_official
 from zoo.hub import CheckpointError
 from zoo.models import hnerv
@@ -248,3 +247,33 @@ def test_wrong_checkpoints_and_unsupported_official_options_are_refused():
         hnerv.create_from_official(**dict(meta['constructor_kwargs'], norm='bn'))
     with pytest.raises(ValueError, match='fc_dim is required'):
         hnerv.create_from_official(**{k: v for k, v in meta['constructor_kwargs'].items() if k != 'fc_dim'})
+
+
+def test_hub_folder_round_trip_keeps_the_video_configuration(tmp_path):
+    from zoo.hub import load, save_pretrained
+    model = small_model(num_frames=5)
+    save_pretrained(model, tmp_path / 'fitted')
+    reloaded = load(tmp_path / 'fitted')
+    assert (reloaded.frame_size, reloaded.num_frames, reloaded.fc_dim) == ((80, 160), 5, 12)
+    assert reloaded.pretrained_cfg['input_size'] == (3, 80, 160)
+    embeddings = torch.rand(2, 16, 2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.decode(embeddings), model.decode(embeddings), atol=0, rtol=0)
+
+
+def test_fast_decode_gives_the_plain_decoders_frames():
+    model = small_model(fc_dim=24)
+    layouts = []
+    model.decoder.blocks[1].register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    embeddings = torch.randn(3, 16, 2, 4)
+    with torch.no_grad():
+        fast = model.decode(embeddings)
+        model.fast_decode = False
+        plain = model.decode(embeddings)
+    model.fast_decode = True
+    trained = model.decode(embeddings)  # autograd on: the training path is the plain one
+    assert layouts == [True, False, False]
+    assert fast.is_contiguous() and fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(trained.detach(), plain, atol=0, rtol=0)

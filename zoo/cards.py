@@ -109,7 +109,7 @@ def model_card(model: nn.Module) -> str:
         f'- **Input:** {input_size[0]}x{input_size[1]}x{input_size[2]}, {cfg.get("interpolation", "bicubic")} '
         f'resize, crop_pct {cfg.get("crop_pct")}, mean {tuple(cfg.get("mean", ()))}, std {tuple(cfg.get("std", ()))}',
     ]
-    if hasattr(model, 'num_classes'):
+    if getattr(model, 'num_classes', 0):  # video models carry num_classes = 0 for timm's Hub export only
         lines.append(f'- **Classes:** {model.num_classes}')
     lines += [f'- **License:** {license_}']
     if cfg.get('origin_url'):

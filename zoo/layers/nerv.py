@@ -4,7 +4,7 @@
 activation. `NeRVPositionalEncoding` is NeRV's frame-index encoding, which NeRV++ reuses unchanged.
 """
 import math
-from typing import Union, Callable
+from typing import Callable, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,20 @@ def act_layer_from_official(name: str) -> str:
     if name not in OFFICIAL_ACTIVATIONS:
         raise ValueError(f'activation {name!r} is not supported; choose one of {", ".join(OFFICIAL_ACTIVATIONS)}')
     return OFFICIAL_ACTIVATIONS[name]
+
+
+def check_frame_size(frame_size: Tuple[int, int], strides: Sequence[int]) -> None:
+    """Raise a ValueError naming the sizes that work when `frame_size` is not a multiple of prod(strides)."""
+    multiple = math.prod(strides)
+    bad = [(name, n) for name, n in zip(('height', 'width'), frame_size) if n % multiple or n <= 0]
+    if bad:
+        nearest = ', '.join(
+            f'{name} {n} -> {max(n // multiple, 1) * multiple}' + (f' or {(n // multiple + 1) * multiple}' if n > multiple else '')
+            for name, n in bad)
+        raise ValueError(
+            f'frame size {frame_size[0]}x{frame_size[1]} cannot be reached with strides {tuple(strides)}: height and '
+            f'width must be multiples of {multiple} (= {"*".join(map(str, strides))}); nearest valid sizes: {nearest}. '
+            'Crop or resize the frames, or build the model with other strides')
 
 
 class NeRVBlock(nn.Module):

@@ -1,0 +1,207 @@
+"""NeRV++: NeRV with separable conv residual blocks around the upsampler and a bilinear skip.
+
+Paper: "NeRV++: An Enhanced Implicit Neural Video Representation", Ghorbel & Hamidouche, 2024
+(https://arxiv.org/abs/2402.18305). Official code (MIT): https://github.com/ahmedgh970/NeRV-,
+`models/model_best.py` (`Generator`, `NervPlusBlock`) and `models/layers.py` (`Gmlp`, `GatedCNNBlock`,
+`ResidualFFN`).
+
+NeRV's frame-index input and its widths, with two changes:
+* the stem is a gated MLP (Linear to 2 x 512, value * GELU_tanh(gate), Linear), with no activation after it;
+* each block is 1x1 projection -> gated depthwise-conv block (the "SCRB" before the upsampler; timm's MambaOut
+  `GatedConvBlock` without its norm, 5x5 kernel) -> conv + PixelShuffle + activation -> residual FFN (depthwise
+  3x3, 1x1, GELU, 1x1: the SCRB after it) -> + the projection upsampled bilinearly.
+XS / S / M / L are the official README's Bunny commands (C1 8 / 26 / 58 / 112, 40-level encoding, swish, lower
+width 80): 1,902,725 / 3,379,541 / 6,382,533 / 12,546,111 parameters at 720x1280.
+"""
+from functools import partial
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import GluMlp, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+from timm.models.mambaout import GatedConvBlock
+
+from zoo.layers.nerv import NeRVBlock
+from zoo.models.nerv import NeRV, model_args_from_official as _nerv_args_from_official, rename_official_keys
+
+__all__ = ['NeRVPlusPlus']
+
+
+class ResidualFFN(nn.Module):
+    """x + 1x1(GELU(1x1(depthwise 3x3(x)))): the separable conv residual block after the upsampler."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1 = nn.Conv2d(dim, dim, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.conv_dw(x))))
+
+
+class NeRVPlusBlock(nn.Module):
+    """1x1 projection, gated conv block, NeRV upsampling block, residual FFN, plus a bilinear skip."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, act_layer: str = 'silu'):
+        super().__init__()
+        self.stride = stride
+        self.proj = nn.Conv2d(in_chs, out_chs, 1)
+        self.gcnn = GatedConvBlock(out_chs, expansion_ratio=8 / 3, kernel_size=5, norm_layer=nn.Identity)
+        self.up = NeRVBlock(out_chs, out_chs, stride, kernel_size=3, act_layer=act_layer)
+        self.rffn = ResidualFFN(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        skip = F.interpolate(x, scale_factor=self.stride, mode='bilinear', align_corners=False)
+        x = self.gcnn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.rffn(self.up(x)) + skip
+
+
+class NeRVPlusPlus(NeRV):
+    """NeRV++ for one video; the arguments are NeRV's (`zoo.models.nerv.NeRV`), with NeRV++'s defaults."""
+
+    def __init__(self, pe_levels: int = 40, lower_width: int = 80, act_layer: str = 'silu', **kwargs):
+        super().__init__(pe_levels=pe_levels, lower_width=lower_width, act_layer=act_layer, **kwargs)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """The official init: xavier-uniform convs, truncated-normal (0.02) linear layers, zero biases."""
+        if isinstance(module, nn.Conv2d):
+            nn.init.xavier_uniform_(module.weight)
+        elif isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.zeros_(module.bias)
+
+    @staticmethod
+    def _make_stem(in_dim: int, hidden: int, depth: int, out_dim: int, act_layer: str) -> nn.Module:
+        """Gated MLP: fc1 to 2 * hidden, first half * GELU_tanh(second half), fc2; `depth` is unused, as in
+        the official code."""
+        return GluMlp(in_dim, 2 * hidden, out_dim, act_layer=partial(nn.GELU, approximate='tanh'), gate_last=True)
+
+    @staticmethod
+    def _make_block(in_chs: int, out_chs: int, stride: int, act_layer: str) -> nn.Module:
+        return NeRVPlusBlock(in_chs, out_chs, stride, act_layer)
+
+
+_OFFICIAL_KEY_RENAMES = (
+    (r'^layers\.(\d+)\.proj\.conv_block\.0\.', r'blocks.\1.proj.'),
+    (r'^layers\.(\d+)\.nerv_block\.0\.conv\.', r'blocks.\1.up.conv.'),
+    (r'^layers\.(\d+)\.rffn\.ffn\.0\.', r'blocks.\1.rffn.conv_dw.'),
+    (r'^layers\.(\d+)\.rffn\.ffn\.2\.', r'blocks.\1.rffn.fc1.'),
+    (r'^layers\.(\d+)\.rffn\.ffn\.5\.', r'blocks.\1.rffn.fc2.'),
+    (r'^layers\.(\d+)\.gcnn\.', r'blocks.\1.gcnn.'),
+    (r'^head_layers\.(\d+)\.', r'heads.\1.'),
+)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: NeRVPlusPlus) -> Dict[str, torch.Tensor]:
+    """Accept an official NeRV++ checkpoint (state dict or training checkpoint) or a zoo one."""
+    state_dict = rename_official_keys(state_dict, _OFFICIAL_KEY_RENAMES)
+    if any(k.endswith(('weight_orig', 'weight_mask')) for k in state_dict):
+        raise ValueError(
+            'this NeRV++ checkpoint is pruned (weight_orig / weight_mask keys): fold the masks in first, '
+            'weight = weight_orig * weight_mask, as torch.nn.utils.prune.remove does')
+    if 'stem.fc1.weight' not in state_dict or not any(k.startswith('blocks.') for k in state_dict):
+        raise ValueError(
+            'not a NeRV++ checkpoint: expected the official layout (stem.fc1.*, layers.N.gcnn.*, head_layers.N.*) or '
+            f'the zoo layout (stem.*, blocks.*, heads.*); its first keys are {list(state_dict)[:5]}')
+    return state_dict
+
+
+def create_from_official(**official_kwargs) -> NeRVPlusPlus:
+    """The (untrained) zoo model matching the official NeRV++ `Generator(**official_kwargs)` (NeRV's arguments;
+    `norm` is accepted and unused there, as here)."""
+    official_kwargs = dict(official_kwargs, norm='none')
+    return NeRVPlusPlus(**_nerv_args_from_official(**official_kwargs))
+
+
+def _create_nervpp(variant: str, pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
+    from zoo.hub import build_zoo_model
+    model = build_zoo_model(
+        NeRVPlusPlus, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
+    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
+    return model
+
+
+def _cfg(**kwargs) -> Dict:
+    return {
+        'url': '',
+        'num_classes': 0,
+        'input_size': (3, 720, 1280),
+        'crop_pct': 1.0,
+        'interpolation': 'bicubic',
+        'mean': (0., 0., 0.),
+        'std': (1., 1., 1.),
+        'first_conv': '',
+        'classifier': '',
+        'license': 'mit',
+        'paper_ids': 'arXiv:2402.18305',
+        'paper_name': 'NeRV++: An Enhanced Implicit Neural Video Representation',
+        'origin_url': 'https://github.com/ahmedgh970/NeRV-',
+        'description': 'Untrained: one model represents one video, and the authors published no checkpoints.',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'nervpp_xs.untrained': _cfg(),
+    'nervpp_s.untrained': _cfg(),
+    'nervpp_m.untrained': _cfg(),
+    'nervpp_l.untrained': _cfg(),
+})
+
+card_info = dict(
+    pipeline_tag='other',
+    intended_use=(
+        'Representing one video as a network from frame index to frame, like NeRV, with more capacity per '
+        'parameter: fit it to the video, then decode any frame from its index.'),
+    limitations=(
+        'A model represents only the video it was fitted to. Size is every parameter (`size_params()`), as for '
+        'NeRV. Only the paper\'s abstract could be read: the variants are the official README\'s Bunny commands '
+        '(C1 8 / 26 / 58 / 112), not a table of the paper, and no reported PSNR is quoted. The defaults are the '
+        'official 720x1280 Bunny frame (9x16 first feature map); frame height and width must be multiples of '
+        'prod(strides) (80 by default). The stem\'s `stem_depth` is ignored, as in the official code.'),
+    variants={
+        f'nervpp_{name}': f'C1 {c1}, 40-level encoding, strides 5-2-2-2-2, lower width 80, swish; {params:,} params '
+                          f'at 720x1280 (official README Bunny command)'
+        for name, c1, params in (('xs', 8, 1_902_725), ('s', 26, 3_379_541), ('m', 58, 6_382_533), ('l', 112, 12_546_111))
+    },
+    usage=(
+        'import torch\n'
+        'frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, 720, 1280) in [0, 1]'),
+)
+
+
+def _variant(variant: str, fc_dim: int, pretrained: bool, kwargs: Dict) -> NeRVPlusPlus:
+    return _create_nervpp(variant, pretrained=pretrained, **dict(dict(fc_dim=fc_dim), **kwargs))
+
+
+@register_model
+def nervpp_xs(pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
+    """NeRV++ XS: C1 8 (1.90M params at 720x1280)."""
+    return _variant('nervpp_xs', 8, pretrained, kwargs)
+
+
+@register_model
+def nervpp_s(pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
+    """NeRV++ S: C1 26 (3.38M params at 720x1280)."""
+    return _variant('nervpp_s', 26, pretrained, kwargs)
+
+
+@register_model
+def nervpp_m(pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
+    """NeRV++ M: C1 58 (6.38M params at 720x1280)."""
+    return _variant('nervpp_m', 58, pretrained, kwargs)
+
+
+@register_model
+def nervpp_l(pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
+    """NeRV++ L: C1 112 (12.55M params at 720x1280)."""
+    return _variant('nervpp_l', 112, pretrained, kwargs)
