@@ -237,6 +237,16 @@ def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, name):
     assert rebuilt.frame_size == (64, 96) and embeddings.shape[0] == 4
 
 
+@pytest.mark.parametrize('bits', [2, 12, 16])
+def test_other_bit_widths_round_trip(tmp_path, bits):
+    model = tiny_model('nerv_s')
+    result = video.compress(model, tmp_path / 'video.zvid', prune=0.2, bits=bits)
+    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'),
+                               reference_decode(model, None, prune=0.2, bits=bits), atol=1e-6, rtol=0)
+    values = sum(v.numel() for v in model.decoder_state_dict().values())
+    assert result['decoder_bytes'] <= values * (1 if bits <= 8 else 2) + 16 * len(model.decoder_state_dict())
+
+
 def test_entropy_coding_beats_the_raw_symbols(tmp_path):
     model = tiny_model('nerv_s')
     with torch.no_grad():

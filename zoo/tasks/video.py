@@ -277,14 +277,14 @@ def interpolate_embeddings(embeddings: torch.Tensor, factor: int) -> torch.Tenso
 # The header names the model and its args and lists the tensors (decoder state-dict entries, then the frame
 # embeddings when the model stores them). The payload holds one record per tensor, in that order:
 #   fp16 min | fp16 scale | coding u8 | raw: the symbols (uint8, or uint16 above 8 bits)
-#                                     | categorical: first symbol u16, table length u16, word count u32,
-#                                       table (uint16 weights), range-coded words (uint32)
+#                                     | categorical: word count u32, table (2^bits uint16 symbol weights),
+#                                       range-coded words (uint32)
 
 
 MAGIC, VERSION = b'ZVID', 1
 _PREFIX = struct.Struct('<4sHI')
 _RECORD = struct.Struct('<eeB')
-_TABLE = struct.Struct('<HHI')
+_TABLE = struct.Struct('<I')
 RAW, CATEGORICAL = 0, 1
 
 
@@ -326,15 +326,12 @@ def _encode_symbols(symbols: np.ndarray, bits: int) -> Tuple[int, bytes]:
     import constriction
 
     raw = symbols.astype(np.uint8 if bits <= 8 else '<u2').tobytes()
-    counts = np.bincount(symbols)
-    used = np.flatnonzero(counts)
-    first, last = int(used[0]), max(int(used[-1]), int(used[0]) + 1)  # constriction needs two entries
-    counts = counts[first:last + 1] if last < len(counts) else np.append(counts[first:], 0)
+    counts = np.bincount(symbols, minlength=2 ** bits)
     table = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype('<u2')
     encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode((symbols - first).astype(np.int32), _categorical(table))
+    encoder.encode(symbols, _categorical(table))
     words = encoder.get_compressed().astype('<u4')
-    coded = _TABLE.pack(first, len(table), len(words)) + table.tobytes() + words.tobytes()
+    coded = _TABLE.pack(len(words)) + table.tobytes() + words.tobytes()
     return (CATEGORICAL, coded) if len(coded) < len(raw) else (RAW, raw)
 
 
@@ -347,13 +344,13 @@ def _decode_record(payload: memoryview, offset: int, numel: int, bits: int) -> T
         dtype = np.dtype(np.uint8 if bits <= 8 else '<u2')
         symbols = np.frombuffer(payload, dtype=dtype, count=numel, offset=offset).astype(np.int64)
         return symbols, t_min, scale, offset + numel * dtype.itemsize
-    first, length, num_words = _TABLE.unpack_from(payload, offset)
+    (num_words,) = _TABLE.unpack_from(payload, offset)
     offset += _TABLE.size
-    table = np.frombuffer(payload, dtype='<u2', count=length, offset=offset)
-    offset += 2 * length
+    table = np.frombuffer(payload, dtype='<u2', count=2 ** bits, offset=offset)
+    offset += 2 * 2 ** bits
     words = np.frombuffer(payload, dtype='<u4', count=num_words, offset=offset).astype(np.uint32)
     decoder = constriction.stream.queue.RangeDecoder(words)
-    symbols = decoder.decode(_categorical(table), numel).astype(np.int64) + first
+    symbols = decoder.decode(_categorical(table), numel).astype(np.int64)
     return symbols, t_min, scale, offset + 4 * num_words
 
 
