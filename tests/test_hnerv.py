@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.convert import from_official
-from zoo.hub import CheckpointError
+from zoo.hub import CheckpointError, sha256_file
 from zoo.models import hnerv
 
 from official_layout import load_manifest, placeholder_state_dict, to_official_layout
@@ -218,6 +218,9 @@ def test_pretrained_bunny_loads_the_release_through_the_hub(tmp_path, monkeypatc
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'cache'))
     cfg = full.pretrained_cfg
     assert cfg['tag'] == 'bunny' and cfg['url'].endswith('haochen-rye/HNeRV/raw/main/checkpoints/quant_vid.pth')
+    with pytest.raises(CheckpointError, match='has sha256'):  # not the official file
+        timm.create_model('hnerv_1_5m', pretrained=True, pretrained_cfg_overlay=dict(url=path.as_uri()))
+    monkeypatch.setitem(hnerv.WEIGHT_SHA256, 'hnerv_1_5m.bunny', sha256_file(path))
     model = timm.create_model('hnerv_1_5m', pretrained=True, pretrained_cfg_overlay=dict(url=path.as_uri()))
     assert torch.all(model.decoder.blocks[2].conv.weight == 0.25)  # -0.5 + 0.25 * 3
     assert model.frame_embeddings.shape == (132, 16, 2, 4)

@@ -492,7 +492,7 @@ def create_from_official(**official_kwargs) -> HNeRV:
 def _create_hnerv(variant: str, pretrained: bool = False, **kwargs) -> HNeRV:
     from zoo.hub import build_zoo_model
     model = build_zoo_model(
-        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
     model.pretrained_cfg['input_size'] = (3, *model.frame_size)
     return model
@@ -536,6 +536,11 @@ default_cfgs = generate_default_cfgs({
     ),
     'hnerv_3m.untrained': _cfg(**_UNTRAINED),
 })
+
+# sha256 of the official files ('arch.tag' -> hex digest); quant_vid.pth as of haochen-rye/HNeRV commit 4872129.
+WEIGHT_SHA256: Dict[str, str] = {
+    'hnerv_1_5m.bunny': '88832be650c4e74e27266b7b05ce9beda83245c25214335029082be3620f80f1',
+}
 
 card_info = dict(
     pipeline_tag='image-to-image',
