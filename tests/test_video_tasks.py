@@ -247,6 +247,21 @@ def test_other_bit_widths_round_trip(tmp_path, bits):
     assert result['decoder_bytes'] <= values * (1 if bits <= 8 else 2) + 16 * len(model.decoder_state_dict())
 
 
+def test_compress_writes_the_embeddings_a_release_carries(tmp_path):
+    """The official Bunny release has decoder and embeddings but no encoder: its own embeddings are written."""
+    model = tiny_model('hnerv_0_35m')
+    frames = smooth_frames(h=64, w=96)
+    with torch.no_grad():
+        model.register_buffer('frame_embeddings', model.encode(frames=frames), persistent=False)
+    for p in model.encoder.parameters():
+        p.data.normal_()  # the release's encoder is not the one that made the embeddings
+    video.compress(model, tmp_path / 'video.zvid')
+    expected = reference_decode(tiny_model('hnerv_0_35m'), frames)
+    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match='has 4 frame embeddings; got 2 frames'):
+        video.compress(model, tmp_path / 'other.zvid', frames[:2])
+
+
 def test_entropy_coding_beats_the_raw_symbols(tmp_path):
     model = tiny_model('nerv_s')
     with torch.no_grad():
@@ -268,7 +283,7 @@ def test_ms_ssim_is_reported_for_frames_above_160_px(tmp_path):
 
 def test_compress_refuses_what_it_cannot_encode(tmp_path):
     model = tiny_model('hnerv_0_35m')
-    with pytest.raises(ValueError, match='pass the frames'):
+    with pytest.raises(ValueError, match='pass the frames .or their embeddings.'):
         video.compress(model, tmp_path / 'a.zvid')
     with pytest.raises(ValueError, match='built for 64x96 frames'):
         video.compress(model, tmp_path / 'a.zvid', torch.rand(2, 3, 32, 48))

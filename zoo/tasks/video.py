@@ -70,7 +70,8 @@ def _fit_frame(frame: torch.Tensor, frame_size: Tuple[int, int]) -> torch.Tensor
 def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
     from PIL import Image
 
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: _natural_key(p.name))
     if not files:
         raise ValueError(f'no frames in {folder}: it holds no image files ({", ".join(IMAGE_SUFFIXES)})')
     for path in files:
@@ -400,8 +401,11 @@ def _decode_batches(model, embeddings: torch.Tensor, batch_size: int) -> Iterato
 
 
 def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune: float = 0.1, bits: int = 8,
-             batch_size: int = 8) -> Dict[str, object]:
-    """Write `model` (and, for HNeRV, the embeddings of `frames`) as a bitstream at `path`; measure it.
+             embeddings: Optional[torch.Tensor] = None, batch_size: int = 8) -> Dict[str, object]:
+    """Write `model` (and, for HNeRV, the frame embeddings) as a bitstream at `path`; measure it.
+
+    HNeRV's embeddings are `embeddings` when given, else `model.frame_embeddings` when the model carries them
+    (the official Bunny release, whose encoder was not published), else the encoder's embeddings of `frames`.
 
     The model itself is left untouched: pruning (fraction `prune` of the decoder weights, by global magnitude;
     fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns the file size in
@@ -423,10 +427,16 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     model.eval()
     tensors = _prune({k: v.detach().float().cpu() for k, v in model.decoder_state_dict().items()}, prune)
     if model.stored_embeddings:
-        if frames is None:
-            raise ValueError(f'{name} stores one embedding per frame: pass the frames to compress')
-        num_frames = len(frames)
-        tensors['embeddings'] = _encode_frames(model, frames, batch_size)
+        if embeddings is None:
+            embeddings = getattr(model, 'frame_embeddings', None)
+        if embeddings is None and frames is None:
+            raise ValueError(f'{name} stores one embedding per frame: pass the frames (or their embeddings)')
+        if embeddings is None:
+            embeddings = _encode_frames(model, frames, batch_size)
+        num_frames = len(embeddings)
+        if frames is not None and len(frames) != num_frames:
+            raise ValueError(f'{name} has {num_frames} frame embeddings; got {len(frames)} frames to compare with')
+        tensors['embeddings'] = embeddings.detach().float().cpu()
     else:
         num_frames = model.num_frames
         if frames is not None and len(frames) != num_frames:
