@@ -8,7 +8,7 @@ The bitstream (`compress` / `decompress`) is the paper's pipeline (§4.4): globa
 decoder weights, b-bit quantisation of every decoder tensor and of the frame embeddings, entropy coding. The
 quantiser is HNeRV's per-tensor one: 2^b - 1 levels between the tensor's min and max, min and scale kept as
 fp16 side info. (The official code also tries per-axis min/scale and keeps whichever errs least; per-tensor
-alone keeps the side info to 4 bytes a tensor, and at 8 bits the two differ little in PSNR.) Quantised
+alone keeps the side info to 4 bytes a tensor and is the layout of the authors' quantized release.) Quantised
 symbols are range-coded with `constriction` under a per-tensor categorical model whose table travels in the
 file; a tensor for which the table costs more than it saves is stored raw.
 """
