@@ -90,6 +90,8 @@ def test_writes_are_atomic_and_never_clobber_other_files(tmp_path):
         video.write_frames(torch.rand(2, 3, 31, 48), good)
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['good.mp4']  # no temp file left behind
+    with pytest.raises(ValueError, match='give a folder .* or a .mp4/.mkv/.mov video'):
+        video.write_frames(smooth_frames(), tmp_path / 'clip.avi')
     # a folder of our frames is replaced whole (no stale frames from a longer video) ...
     folder = video.write_frames(smooth_frames(t=5), tmp_path / 'frames')
     video.write_frames(smooth_frames(t=2), folder)
@@ -173,17 +175,19 @@ def test_interpolated_embeddings_keep_the_originals_and_lie_between_them():
 # Bitstream
 
 
+_NERV = dict(frame_size=(64, 96), num_frames=4, strides=(4, 2, 2), pe_levels=8, stem_dim=32, fc_dim=16, lower_width=8)
 TINY = {
-    # HNeRV: ConvNeXt encoder to a (16, 4, 6) embedding per frame, decoder back to 64x96
-    'frames': dict(frame_size=(64, 96), num_frames=4, enc_strides=(4, 2, 2), fc_dim=16),
-    # the same decoder in NeRV mode: frame index -> positional encoding, nothing stored per frame
-    'index': dict(frame_size=(64, 96), num_frames=4, enc_strides=(4, 2, 2), fc_dim=16, pe=(1.25, 8), fc_hw=(4, 6)),
+    # ConvNeXt encoder to a (16, 4, 6) embedding per frame (stored in the bitstream), decoder back to 64x96
+    'hnerv_0_35m': dict(frame_size=(64, 96), num_frames=4, enc_strides=(4, 2, 2), fc_dim=16),
+    # frame index -> positional encoding -> decoder: nothing stored per frame
+    'nerv_s': _NERV,
+    'nervpp_xs': _NERV,
 }
 
 
-def tiny_model(kind, **overrides):
+def tiny_model(name, **overrides):
     torch.manual_seed(0)
-    return timm.create_model('hnerv_0_35m', **dict(TINY[kind], **overrides)).eval()
+    return timm.create_model(name, **dict(TINY[name], **overrides)).eval()
 
 
 def reference_decode(model, frames, prune=0.1, bits=8):
@@ -199,9 +203,11 @@ def reference_decode(model, frames, prune=0.1, bits=8):
     def roundtrip(t):
         t_min = t.min().half().float()
         scale = ((t.max() - t_min) / (2 ** bits - 1)).half().float()
+        if scale == 0:  # a constant tensor (NeRV++ has some at init): one symbol
+            return t_min.expand_as(t)
         return t_min + scale * ((t - t_min) / scale).round().clamp(0, 2 ** bits - 1)
 
-    reference = timm.create_model(model.pretrained_cfg['architecture'], **TINY[model.input_kind]).eval()
+    reference = tiny_model(model.pretrained_cfg['architecture'])
     reference.load_decoder_state_dict({k: roundtrip(v) for k, v in state.items()})
     with torch.no_grad():
         if model.stored_embeddings:
@@ -211,9 +217,9 @@ def reference_decode(model, frames, prune=0.1, bits=8):
         return reference.decode(embeddings)
 
 
-@pytest.mark.parametrize('kind', ['frames', 'index'])
-def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, kind):
-    model = tiny_model(kind)
+@pytest.mark.parametrize('name', list(TINY))
+def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, name):
+    model = tiny_model(name)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     frames = smooth_frames(h=64, w=96)
     path = tmp_path / 'video.zvid'
@@ -224,15 +230,40 @@ def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, kind):
     assert result['bytes'] == path.stat().st_size
     assert result['bpp'] == pytest.approx(path.stat().st_size * 8 / (4 * 64 * 96))
     assert result['bytes'] == result['header_bytes'] + result['decoder_bytes'] + result['embedding_bytes']
-    assert (result['embedding_bytes'] > 0) == (kind == 'frames')
+    assert (result['embedding_bytes'] > 0) == model.stored_embeddings
     assert result['psnr'] == pytest.approx(video.psnr(decoded, frames).mean().item(), abs=1e-4)
     assert result['ms_ssim'] is None  # 64 px frames are too small for five scales
     rebuilt, embeddings = video.decompress(path)
     assert rebuilt.frame_size == (64, 96) and embeddings.shape[0] == 4
 
 
+@pytest.mark.parametrize('bits', [2, 12, 16])
+def test_other_bit_widths_round_trip(tmp_path, bits):
+    model = tiny_model('nerv_s')
+    result = video.compress(model, tmp_path / 'video.zvid', prune=0.2, bits=bits)
+    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'),
+                               reference_decode(model, None, prune=0.2, bits=bits), atol=1e-6, rtol=0)
+    values = sum(v.numel() for v in model.decoder_state_dict().values())
+    assert result['decoder_bytes'] <= values * (1 if bits <= 8 else 2) + 16 * len(model.decoder_state_dict())
+
+
+def test_compress_writes_the_embeddings_a_release_carries(tmp_path):
+    """The official Bunny release has decoder and embeddings but no encoder: its own embeddings are written."""
+    model = tiny_model('hnerv_0_35m')
+    frames = smooth_frames(h=64, w=96)
+    with torch.no_grad():
+        model.register_buffer('frame_embeddings', model.encode(frames=frames), persistent=False)
+    for p in model.encoder.parameters():
+        p.data.normal_()  # the release's encoder is not the one that made the embeddings
+    video.compress(model, tmp_path / 'video.zvid')
+    expected = reference_decode(tiny_model('hnerv_0_35m'), frames)
+    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'), expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match='has 4 frame embeddings; got 2 frames'):
+        video.compress(model, tmp_path / 'other.zvid', frames[:2])
+
+
 def test_entropy_coding_beats_the_raw_symbols(tmp_path):
-    model = tiny_model('index')
+    model = tiny_model('nerv_s')
     with torch.no_grad():
         for v in model.decoder_state_dict().values():
             # trained weights are peaked with long tails: most symbols sit near the middle of the range
@@ -243,7 +274,7 @@ def test_entropy_coding_beats_the_raw_symbols(tmp_path):
 
 
 def test_ms_ssim_is_reported_for_frames_above_160_px(tmp_path):
-    model = tiny_model('frames', frame_size=(176, 176))
+    model = tiny_model('hnerv_0_35m', frame_size=(176, 176))
     frames = smooth_frames(t=2, h=176, w=176)
     result = video.compress(model, tmp_path / 'video.zvid', frames, bits=6)
     decoded = video.decode_video(tmp_path / 'video.zvid')
@@ -251,13 +282,13 @@ def test_ms_ssim_is_reported_for_frames_above_160_px(tmp_path):
 
 
 def test_compress_refuses_what_it_cannot_encode(tmp_path):
-    model = tiny_model('frames')
-    with pytest.raises(ValueError, match='pass the frames'):
+    model = tiny_model('hnerv_0_35m')
+    with pytest.raises(ValueError, match='pass the frames .or their embeddings.'):
         video.compress(model, tmp_path / 'a.zvid')
     with pytest.raises(ValueError, match='built for 64x96 frames'):
         video.compress(model, tmp_path / 'a.zvid', torch.rand(2, 3, 32, 48))
     with pytest.raises(ValueError, match='represents 4 frames'):
-        video.compress(tiny_model('index'), tmp_path / 'a.zvid', torch.rand(3, 3, 64, 96))
+        video.compress(tiny_model('nerv_s'), tmp_path / 'a.zvid', torch.rand(3, 3, 64, 96))
     assert not list(tmp_path.iterdir())
 
 
@@ -273,7 +304,7 @@ def rewrite_header(path, **changes):
 
 def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
     good = tmp_path / 'good.zvid'
-    video.compress(tiny_model('frames'), good, smooth_frames(h=64, w=96))
+    video.compress(tiny_model('hnerv_0_35m'), good, smooth_frames(h=64, w=96))
     data = good.read_bytes()
     bad = tmp_path / 'bad.zvid'
     for cut in (5, 40, len(data) // 2, len(data) - 1):
@@ -288,11 +319,9 @@ def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
     bad.write_bytes(b'RIFF' + data[4:])
     with pytest.raises(video.BitstreamError, match='not a zoo video bitstream'):
         video.decompress(bad)
-    bad.write_bytes(data)
-    other_args = {k: v for k, v in json.loads(data[10:10 + struct.unpack_from('<I', data, 6)[0]])['model_args'].items()
-                  if k != 'fc_dim'}  # hnerv_1_5m sized by the paper's rule: a wider decoder
-    rewrite_header(bad, model='hnerv_1_5m', model_args=other_args)
-    with pytest.raises(video.BitstreamError, match='does not fit hnerv_1_5m.*another model'):
+    video.compress(tiny_model('nerv_s'), bad)
+    rewrite_header(bad, model='nervpp_xs')  # same arguments, other blocks
+    with pytest.raises(video.BitstreamError, match='does not fit nervpp_xs.*another model'):
         video.decompress(bad)
     bad.write_bytes(data)
     rewrite_header(bad, model='hnerv_9m')
@@ -300,12 +329,15 @@ def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
         video.decompress(bad)
 
 
-def test_cli_compress_then_decode(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli.zoo, 'create_model', lambda name, pretrained: tiny_model('frames'))  # a 'fitted' model
+def test_cli_compress_then_decode(tmp_path, capsys):
+    from zoo import hub
+
+    hub.save_pretrained(tiny_model('hnerv_0_35m'), tmp_path / 'fitted')  # as training saves a fitted model
     frames = smooth_frames(h=64, w=96)
     video.write_frames(frames, tmp_path / 'frames')
     bitstream, out = tmp_path / 'video.zvid', tmp_path / 'decoded.mp4'
-    assert cli.main(['compress', 'hnerv_0_35m', str(tmp_path / 'frames'), '-o', str(bitstream), '--json']) == 0
+    assert cli.main(['compress', str(tmp_path / 'fitted'), str(tmp_path / 'frames'), '-o', str(bitstream),
+                     '--json']) == 0
     result = json.loads(capsys.readouterr().out)
     assert result['bytes'] == bitstream.stat().st_size and result['frames'] == 4
     assert cli.main(['decode', str(bitstream), str(out)]) == 0

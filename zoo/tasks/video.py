@@ -8,7 +8,7 @@ The bitstream (`compress` / `decompress`) is the paper's pipeline (§4.4): globa
 decoder weights, b-bit quantisation of every decoder tensor and of the frame embeddings, entropy coding. The
 quantiser is HNeRV's per-tensor one: 2^b - 1 levels between the tensor's min and max, min and scale kept as
 fp16 side info. (The official code also tries per-axis min/scale and keeps whichever errs least; per-tensor
-alone keeps the side info to 4 bytes a tensor, and at 8 bits the two differ little in PSNR.) Quantised
+alone keeps the side info to 4 bytes a tensor and is the layout of the authors' quantized release.) Quantised
 symbols are range-coded with `constriction` under a per-tensor categorical model whose table travels in the
 file; a tensor for which the table costs more than it saves is stored raw.
 """
@@ -70,7 +70,8 @@ def _fit_frame(frame: torch.Tensor, frame_size: Tuple[int, int]) -> torch.Tensor
 def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
     from PIL import Image
 
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: _natural_key(p.name))
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
+                   key=lambda p: _natural_key(p.name))
     if not files:
         raise ValueError(f'no frames in {folder}: it holds no image files ({", ".join(IMAGE_SUFFIXES)})')
     for path in files:
@@ -164,12 +165,15 @@ def _replace_folder(staging: Path, target: Path) -> None:
 
 
 def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int = 18) -> Path:
-    """Write frames (T, 3, H, W) in [0, 1] as a video (.mp4/.mkv/.mov: H.264 at `crf`) or a folder of PNGs.
+    """Write frames (T, 3, H, W) in [0, 1] as a video (.mp4/.mkv/.mov: H.264 at `crf`) or a folder of PNGs
+    (a path without extension).
 
     Atomic: everything is written beside `path` first and moved over it only when complete, so a failed
     write never leaves a half video (or half a folder) in place of a good one.
     """
     path = Path(path)
+    if path.suffix and path.suffix.lower() not in VIDEO_FORMATS:
+        raise ValueError(f'cannot write {path}: give a folder (no extension) or a {"/".join(VIDEO_FORMATS)} video')
     arrays = _to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_FORMATS:
@@ -274,14 +278,14 @@ def interpolate_embeddings(embeddings: torch.Tensor, factor: int) -> torch.Tenso
 # The header names the model and its args and lists the tensors (decoder state-dict entries, then the frame
 # embeddings when the model stores them). The payload holds one record per tensor, in that order:
 #   fp16 min | fp16 scale | coding u8 | raw: the symbols (uint8, or uint16 above 8 bits)
-#                                     | categorical: first symbol u16, table length u16, word count u32,
-#                                       table (uint16 weights), range-coded words (uint32)
+#                                     | categorical: word count u32, table (2^bits uint16 symbol weights),
+#                                       range-coded words (uint32)
 
 
 MAGIC, VERSION = b'ZVID', 1
 _PREFIX = struct.Struct('<4sHI')
 _RECORD = struct.Struct('<eeB')
-_TABLE = struct.Struct('<HHI')
+_TABLE = struct.Struct('<I')
 RAW, CATEGORICAL = 0, 1
 
 
@@ -323,15 +327,12 @@ def _encode_symbols(symbols: np.ndarray, bits: int) -> Tuple[int, bytes]:
     import constriction
 
     raw = symbols.astype(np.uint8 if bits <= 8 else '<u2').tobytes()
-    counts = np.bincount(symbols)
-    used = np.flatnonzero(counts)
-    first, last = int(used[0]), max(int(used[-1]), int(used[0]) + 1)  # constriction needs two entries
-    counts = counts[first:last + 1] if last < len(counts) else np.append(counts[first:], 0)
+    counts = np.bincount(symbols, minlength=2 ** bits)
     table = np.where(counts > 0, np.maximum(1, np.round(counts * 65535 / counts.max())), 0).astype('<u2')
     encoder = constriction.stream.queue.RangeEncoder()
-    encoder.encode((symbols - first).astype(np.int32), _categorical(table))
+    encoder.encode(symbols, _categorical(table))
     words = encoder.get_compressed().astype('<u4')
-    coded = _TABLE.pack(first, len(table), len(words)) + table.tobytes() + words.tobytes()
+    coded = _TABLE.pack(len(words)) + table.tobytes() + words.tobytes()
     return (CATEGORICAL, coded) if len(coded) < len(raw) else (RAW, raw)
 
 
@@ -344,13 +345,13 @@ def _decode_record(payload: memoryview, offset: int, numel: int, bits: int) -> T
         dtype = np.dtype(np.uint8 if bits <= 8 else '<u2')
         symbols = np.frombuffer(payload, dtype=dtype, count=numel, offset=offset).astype(np.int64)
         return symbols, t_min, scale, offset + numel * dtype.itemsize
-    first, length, num_words = _TABLE.unpack_from(payload, offset)
+    (num_words,) = _TABLE.unpack_from(payload, offset)
     offset += _TABLE.size
-    table = np.frombuffer(payload, dtype='<u2', count=length, offset=offset)
-    offset += 2 * length
+    table = np.frombuffer(payload, dtype='<u2', count=2 ** bits, offset=offset)
+    offset += 2 * 2 ** bits
     words = np.frombuffer(payload, dtype='<u4', count=num_words, offset=offset).astype(np.uint32)
     decoder = constriction.stream.queue.RangeDecoder(words)
-    symbols = decoder.decode(_categorical(table), numel).astype(np.int64) + first
+    symbols = decoder.decode(_categorical(table), numel).astype(np.int64)
     return symbols, t_min, scale, offset + 4 * num_words
 
 
@@ -400,8 +401,11 @@ def _decode_batches(model, embeddings: torch.Tensor, batch_size: int) -> Iterato
 
 
 def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune: float = 0.1, bits: int = 8,
-             batch_size: int = 8) -> Dict[str, object]:
-    """Write `model` (and, for HNeRV, the embeddings of `frames`) as a bitstream at `path`; measure it.
+             embeddings: Optional[torch.Tensor] = None, batch_size: int = 8) -> Dict[str, object]:
+    """Write `model` (and, for HNeRV, the frame embeddings) as a bitstream at `path`; measure it.
+
+    HNeRV's embeddings are `embeddings` when given, else `model.frame_embeddings` when the model carries them
+    (the official Bunny release, whose encoder was not published), else the encoder's embeddings of `frames`.
 
     The model itself is left untouched: pruning (fraction `prune` of the decoder weights, by global magnitude;
     fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns the file size in
@@ -423,10 +427,16 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     model.eval()
     tensors = _prune({k: v.detach().float().cpu() for k, v in model.decoder_state_dict().items()}, prune)
     if model.stored_embeddings:
-        if frames is None:
-            raise ValueError(f'{name} stores one embedding per frame: pass the frames to compress')
-        num_frames = len(frames)
-        tensors['embeddings'] = _encode_frames(model, frames, batch_size)
+        if embeddings is None:
+            embeddings = getattr(model, 'frame_embeddings', None)
+        if embeddings is None and frames is None:
+            raise ValueError(f'{name} stores one embedding per frame: pass the frames (or their embeddings)')
+        if embeddings is None:
+            embeddings = _encode_frames(model, frames, batch_size)
+        num_frames = len(embeddings)
+        if frames is not None and len(frames) != num_frames:
+            raise ValueError(f'{name} has {num_frames} frame embeddings; got {len(frames)} frames to compare with')
+        tensors['embeddings'] = embeddings.detach().float().cpu()
     else:
         num_frames = model.num_frames
         if frames is not None and len(frames) != num_frames:
