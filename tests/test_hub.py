@@ -96,6 +96,7 @@ def test_save_pretrained_folder_loads_in_timm(saved, x):
     model, expected, folder = saved
     assert {p.name for p in folder.iterdir()} == HUB_FILES
     assert not [p for p in folder.parent.iterdir() if p.name.startswith('.zoo-save-')], 'staging folder left behind'
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {zoo.hub._file_mode()}, 'readable like any file'
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'spartan_tiny' and config['num_classes'] == 10
     assert 'num_classes' not in config.get('model_args', {})  # transformers' TimmWrapper fails on the duplicate

@@ -63,8 +63,8 @@ def _weights_section(cfg: Dict) -> str:
         where = cfg.get('hf_hub_id') or cfg.get('url')
         made = cfg.get('description') or 'Weights published by the authors.'
         return f'{made} Source: `{where}`.'
-    return ('No pretrained weights: no official weights exist for this model. It is built to the paper and '
-            'initialised at random; train it with the recipe in `training/recipes/`.')
+    return ('No weights are published under this tag: the model starts from random initialisation (the notes '
+            'below say where other weights exist). The training recipes are in `training/recipes/`.')
 
 
 def model_card(model: nn.Module) -> str:

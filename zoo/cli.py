@@ -25,7 +25,7 @@ def _cmd_info(args) -> None:
         model = timm.create_model(args.name)
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
-    weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none (no official weights exist)'
+    weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none published under this name'
     info = {
         'name': args.name,
         'params_m': round(cards.count_params(model) / 1e6, 3),

@@ -185,6 +185,13 @@ def _write_config(model: nn.Module, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
 
+def _file_mode() -> int:
+    """The mode a plain `open(..., 'w')` gives (0o666 less the umask); safetensors' temp files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Optional[Dict[str, Any]] = None) -> Path:
     """Write config.json, model.safetensors and README.md (the model card) into `directory`.
 
@@ -210,7 +217,9 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
             card += training_section(training)
             names += [TRAINING_NAME, RECIPE_NAME]
         (staging / CARD_NAME).write_text(card)
+        mode = _file_mode()
         for name in names:
+            os.chmod(staging / name, mode)
             os.replace(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -27,11 +27,12 @@ _frames_cache: Dict[Tuple, torch.Tensor] = {}
 
 
 def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: Tuple[int, int] = (96, 192),
-                   zoom: float = 0.35) -> torch.Tensor:
+                   zoom: float = 0.35, pan: float = 1.0) -> torch.Tensor:
     """A clip (T, 3, H, W) in [0, 1]: a window that pans down and zooms in across a scikit-image photograph.
 
-    The window keeps the frame's aspect ratio, starts as the widest the photo allows and shrinks by `zoom`,
-    eased with a cosine so the motion starts and ends slowly; sampling is bilinear, so motion is sub-pixel.
+    The window keeps the frame's aspect ratio, starts as the widest the photo allows and shrinks by `zoom`;
+    it travels down `pan` of the way from the top of the photo to the bottom. The motion is eased with a
+    cosine so it starts and ends slowly, and sampling is bilinear, so the motion is sub-pixel.
     """
     import skimage.data
 
@@ -47,7 +48,7 @@ def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: T
     window_w = min(photo_w, photo_h * width / height) * (1 - zoom * t)
     window_h = window_w * height / width
     centre_x = torch.full_like(t, photo_w / 2)
-    centre_y = window_h / 2 + t * (photo_h - window_h)
+    centre_y = window_h / 2 + pan * t * (photo_h - window_h)
     theta = torch.zeros(num_frames, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1] = window_w / photo_w, window_h / photo_h
     theta[:, 0, 2], theta[:, 1, 2] = 2 * centre_x / photo_w - 1, 2 * centre_y / photo_h - 1
@@ -169,7 +170,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     reloaded = _quality(torch.cat([model.decode(e) for e in embeddings.split(4)]).float(), frames)
     fps = decode_speed(model, embeddings)
     bitstream = output_dir / 'video.zoo'
-    compressed = compress(model, bitstream, frames=frames)
+    compressed = compress(model, bitstream, frames=frames, embeddings=embeddings if model.stored_embeddings else None)
     decoded = decode_video(bitstream)
     picture = side_by_side(frames, decoded, output_dir / 'side_by_side.png')
     if recipe['data'].get('demo_clip') is not None:

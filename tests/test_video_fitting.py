@@ -1,0 +1,80 @@
+"""Fitting a video model with the trainer, and README's main job in a shortened form."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import zoo  # noqa: F401  (registers the video models)
+from zoo import trainer
+from zoo.tasks.video import psnr, read_frames, write_frames
+from zoo.tasks.video_fitting import make_demo_clip
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO_RECIPE = REPO / 'training' / 'recipes' / 'hnerv_demo.yaml'
+# 4 frames of 48x96 (strides 3,2,2,2,2 reach 48) and 6 epochs of 2 steps: the main job in seconds.
+SHORT = ['data.demo_clip.num_frames=4', 'model_args.frame_size=[48, 96]', 'model_args.enc_strides=[3, 2, 2, 2, 2]',
+         'train.epochs=6', 'train.warmup_epochs=1', 'train.log_every=1']
+
+
+def test_demo_clip_is_a_smooth_pan_and_zoom():
+    clip = make_demo_clip(num_frames=8, frame_size=(48, 96))
+    assert clip.shape == (8, 3, 48, 96) and 0 <= clip.min() and clip.max() <= 1
+    assert torch.equal(clip, make_demo_clip(num_frames=8, frame_size=(48, 96)))
+    step = psnr(clip[1:], clip[:-1])
+    assert (step < 60).all(), 'every frame moves'
+    assert (step > psnr(clip[-1:], clip[:1])).all(), 'neighbours are closer than the ends of the clip'
+
+
+def test_demo_clip_names_the_images_it_can_use():
+    with pytest.raises(ValueError, match='astronaut'):
+        make_demo_clip(image='mona_lisa')
+
+
+def test_main_job_shortened(tmp_path):
+    """README's command with a shorter recipe: fit, export, reload with timm, decode, compress, report."""
+    out = tmp_path / 'run'
+    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '1', '--cpu',
+         str(REPO / 'training' / 'train.py'), '--recipe', str(DEMO_RECIPE), '--output-dir', str(out), *SHORT],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ('PSNR', 'bits per pixel', 'frames/s', 'side_by_side.png', 'local-dir:'):
+        assert line in result.stdout
+    report = json.loads((out / 'report.json').read_text())
+    clip = read_frames(out / 'clip')
+    assert clip.shape == (4, 3, 48, 96)
+    picture = Image.open(out / 'side_by_side.png')
+    assert picture.size == (4 * 96, 2 * 48)
+    assert report['bpp'] == pytest.approx((out / 'video.zoo').stat().st_size * 8 / (4 * 48 * 96))
+
+    model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
+    with torch.no_grad():
+        fitted = psnr(model(frames=clip), clip).mean().item()
+    assert fitted == pytest.approx(report['reloaded_psnr'], abs=0.05)  # the clip PNGs are 8-bit
+    recipe = trainer.load_recipe(DEMO_RECIPE, SHORT)
+    torch.manual_seed(0)
+    untrained = timm.create_model('hnerv_0_35m', **{**recipe['model_args'], 'num_frames': 4}).eval()
+    with torch.no_grad():
+        assert fitted > psnr(untrained(frames=clip), clip).mean().item() + 3, 'fitting improves the video'
+
+
+def test_unreachable_frame_size_is_refused_with_the_sizes_that_work(tmp_path):
+    recipe = trainer.load_recipe(DEMO_RECIPE, ['model_args.frame_size=[50, 100]'])
+    with pytest.raises(ValueError, match='multiples of 96'):
+        trainer.train(recipe, tmp_path, quiet=True)
+
+
+def test_a_frame_folder_sets_the_frame_count(tmp_path):
+    write_frames(make_demo_clip(num_frames=6, frame_size=(48, 96)), tmp_path / 'frames')
+    recipe = trainer.load_recipe(DEMO_RECIPE, SHORT)
+    from zoo.tasks.video_fitting import model_kwargs
+
+    kwargs = model_kwargs(recipe, str(tmp_path / 'frames'))
+    assert kwargs['num_frames'] == 6 and kwargs['frame_size'] == (48, 96)
