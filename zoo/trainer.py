@@ -35,9 +35,13 @@ from zoo.hub import RECIPE_NAME
 
 CHECKPOINT_PREFIX = 'step_'
 
+# Each task is a module (or `module:attribute`) with datasets(), make_loss(), evaluate() and optionally
+# model_kwargs() (model arguments that depend on the data) and report() (what to show after saving).
 TASKS = {
     'classification': 'zoo.tasks.classification',
     'video': 'zoo.tasks.video_fitting',
+    'depth': 'zoo.tasks.dense:depth',
+    'segmentation': 'zoo.tasks.dense:segmentation',
 }
 
 TRAIN_DEFAULTS = dict(
@@ -96,7 +100,9 @@ def check_recipe(recipe: Dict[str, Any], source: str = 'recipe') -> Dict[str, An
 
 
 def task_module(recipe: Dict[str, Any]):
-    return importlib.import_module(TASKS[recipe['task']])
+    module_name, _, attribute = TASKS[recipe['task']].partition(':')
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
 
 
 # Checkpoints

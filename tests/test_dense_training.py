@@ -1,0 +1,77 @@
+"""Depth and segmentation through the trainer: paired folders, seeded joint augmentation, losses, metrics."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zoo import hub, trainer
+from zoo.tasks.dense import PairedImages
+
+# A tiny ×Net (timm's test ConvNeXt encoder x ConvNeXt-atto decoder) keeps each run to seconds.
+TINY = dict(encoder='test_convnext', decoder='convnext_atto')
+
+
+def _write_pairs(root: Path, kind: str, count: int = 4, size=(64, 96)):
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        (root / split / 'images').mkdir(parents=True)
+        (root / split / kind).mkdir(parents=True)
+        for i in range(count):
+            image = (rng.random((*size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(image).save(root / split / 'images' / f'{i:03d}.png')
+            if kind == 'depth':  # 16-bit PNG in millimetres, brighter = farther, 0.5..5 m
+                target = (500 + image.mean(-1) / 255 * 4500).astype(np.uint16)
+            else:
+                target = (image[..., 0] > 127).astype(np.uint8) + (image[..., 1] > 200).astype(np.uint8)
+            Image.fromarray(target).save(root / split / kind / f'{i:03d}.png')
+    return root
+
+
+def _recipe(task: str, **data):
+    return trainer.check_recipe(dict(
+        source='test', model='timesnet_convnext_tiny_convnext_tiny', task=task,
+        model_args=dict(TINY, task=task, **({'num_classes': 3} if task == 'segmentation' else {})),
+        data=dict(crop_size=[32, 64], **data),
+        train=dict(epochs=2, batch_size=2, lr=1e-3, seed=0)))
+
+
+def test_depth_recipe_trains_and_reports_the_depth_metrics(tmp_path):
+    data = _write_pairs(tmp_path / 'data', 'depth')
+    recipe = _recipe('depth', depth_scale=1000.0, benchmark='nyu', eval_crop='none')
+    metrics = trainer.train(recipe, tmp_path / 'run', data=str(data), quiet=True)
+    assert {'delta1', 'abs_rel', 'rmse', 'silog'} <= set(metrics)
+    assert 0 <= metrics['delta1'] <= 1 and metrics['rmse'] > 0
+    model = hub.load(tmp_path / 'run' / 'model')
+    assert model.task == 'depth'
+
+
+def test_segmentation_recipe_trains_with_dice_and_iou(tmp_path):
+    data = _write_pairs(tmp_path / 'data', 'masks')
+    metrics = trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(data), quiet=True)
+    assert set(metrics) == {'mean_dice', 'mean_iou'}
+    assert 0 <= metrics['mean_iou'] <= metrics['mean_dice'] <= 1
+
+
+def test_crop_and_flip_move_image_and_target_together(tmp_path):
+    data = _write_pairs(tmp_path / 'data', 'depth', count=1)
+    pairs = [(data / 'train' / 'images' / '000.png', data / 'train' / 'depth' / '000.png')]
+    dataset = PairedImages(pairs, 'depth', mean=(0, 0, 0), std=(1, 1, 1), depth_scale=1000.0,
+                           crop_size=(32, 64), hflip=1.0, seed=5)
+    image, depth = dataset[0]
+    expected = 0.5 + image.mean(0, keepdim=True) * 4.5  # the depth the image encodes
+    assert image.shape == (3, 32, 64) and depth.shape == (1, 32, 64)
+    assert (depth - expected).abs().max() < 2e-3
+    assert torch.equal(dataset[0][0], image), 'the same (seed, epoch, index) gives the same crop'
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0][0], image), 'another epoch gives another crop'
+
+
+def test_unpaired_and_missing_folders_are_named(tmp_path):
+    data = _write_pairs(tmp_path / 'data', 'masks', count=2)
+    (data / 'train' / 'masks' / '001.png').unlink()
+    with pytest.raises(ValueError, match='001.png'):
+        trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(data), quiet=True)
+    with pytest.raises(FileNotFoundError, match='train/images/<name>.jpg'):
+        trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(tmp_path / 'nothing'), quiet=True)

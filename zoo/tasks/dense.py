@@ -1,0 +1,181 @@
+"""Depth and segmentation training for `zoo.trainer`: paired image / target data, the losses, the metrics.
+
+Data is a folder of pairs, matched by file stem:
+
+    DATA/train/images/0001.jpg        DATA/train/depth/0001.png     (depth: 16-bit PNG, metres x depth_scale)
+    DATA/validation/images/0001.jpg   DATA/validation/masks/0001.png (segmentation: class index per pixel)
+
+or a Hub dataset (`data.dataset`) with an image column and a target column (`image_column`, `target_column`).
+Training crops `data.crop_size` at a random place and flips half the samples, image and target together, with
+random state seeded per (seed, epoch, index) as in classification; evaluation runs on whole images, cropped
+to a multiple of `data.eval_multiple` (32 by default) when the model needs one.
+
+Depth: SIlog loss (iDisc: weight 10, lambda 0.15) on pixels inside the dataset's depth caps, metrics by the
+dataset's protocol (`zoo.tasks.depth`: NYU Eigen crop, KITTI Garg crop). Segmentation: 0.4 CE + 0.6 Dice
+summed over the deep-supervision heads when the model has `forward_train` (MACMD), mean Dice and mean IoU
+over the foreground classes.
+"""
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import resolve_model_data_config
+
+from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask
+from zoo.tasks.segmentation import CeDiceLoss
+
+_IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+
+
+def _pairs(root: Path, split: str, target_dir: str) -> List[Tuple[Path, Path]]:
+    images, targets = root / split / 'images', root / split / target_dir
+    for folder in (images, targets):
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f'no folder {folder}: expected {root}/{split}/images/<name>.jpg with {root}/{split}/{target_dir}/<name>.png')
+    by_stem = {p.stem: p for p in targets.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
+    pairs, unmatched = [], []
+    for image in sorted(p for p in images.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES):
+        if image.stem in by_stem:
+            pairs.append((image, by_stem[image.stem]))
+        else:
+            unmatched.append(image.name)
+    if unmatched:
+        raise ValueError(f'{len(unmatched)} images in {images} have no {target_dir} file of the same name, '
+                         f'e.g. {unmatched[0]}')
+    if not pairs:
+        raise FileNotFoundError(f'no images in {images}')
+    return pairs
+
+
+class PairedImages(torch.utils.data.Dataset):
+    """(normalised image (3, H, W), target (1, H, W) float depth or (H, W) long mask) pairs, seeded augmentation."""
+
+    def __init__(self, samples, kind: str, mean, std, depth_scale: float = 1.0, crop_size=None,
+                 hflip: float = 0.0, multiple: int = 1, seed: int = 0):
+        self.samples, self.kind, self.depth_scale = samples, kind, depth_scale
+        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self.crop_size, self.hflip, self.multiple, self.seed = crop_size, hflip, multiple, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Tuple[Image.Image, Image.Image]:
+        sample = self.samples[index]
+        return (Image.open(sample[0]), Image.open(sample[1])) if isinstance(sample[0], Path) else sample
+
+    def __getitem__(self, index: int):
+        image, target = self._load(index)
+        x = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.).permute(2, 0, 1)
+        if self.kind == 'depth':
+            y = torch.from_numpy(np.asarray(target, dtype=np.float32) / self.depth_scale)[None]
+        else:
+            y = torch.from_numpy(np.asarray(target, dtype=np.int64))
+        if x.shape[-2:] != y.shape[-2:]:
+            raise ValueError(f'sample {index}: image {tuple(x.shape[-2:])} and target {tuple(y.shape[-2:])} differ in size')
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.crop_size is not None:
+            (h, w), (ch, cw) = x.shape[-2:], self.crop_size
+            if h < ch or w < cw:
+                raise ValueError(f'sample {index} is {h}x{w}, smaller than the {ch}x{cw} training crop')
+            top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            x, y = x[..., top:top + ch, left:left + cw], y[..., top:top + ch, left:left + cw]
+        elif self.multiple > 1:
+            h, w = (s - s % self.multiple for s in x.shape[-2:])
+            x, y = x[..., :h, :w], y[..., :h, :w]
+        if self.hflip and rng.random() < self.hflip:
+            x, y = x.flip(-1), y.flip(-1)
+        return (x - self.mean) / self.std, y.contiguous()
+
+
+def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str] = None, output_dir=None):
+    spec, kind = recipe['data'], recipe['task']
+    config = resolve_model_data_config(model)
+    common = dict(kind=kind, mean=config['mean'], std=config['std'], depth_scale=spec.get('depth_scale', 1.0),
+                  seed=recipe['train']['seed'])
+    train_split, eval_split = spec.get('train_split', 'train'), spec.get('eval_split', 'validation')
+    source = data or spec.get('data_dir')
+    if source:
+        target_dir = spec.get('target_dir', 'depth' if kind == 'depth' else 'masks')
+        train, evaluation = (_pairs(Path(source).expanduser(), s, target_dir) for s in (train_split, eval_split))
+    elif spec.get('dataset'):
+        import datasets as hf_datasets
+
+        splits = hf_datasets.load_dataset(spec['dataset'], cache_dir=spec.get('cache_dir'), **spec.get('load_args', {}))
+        columns = spec.get('image_column', 'image'), spec.get('target_column', 'depth' if kind == 'depth' else 'label')
+        train, evaluation = ([(row[columns[0]], row[columns[1]]) for row in splits[s]] for s in (train_split, eval_split))
+    else:
+        raise ValueError(f'no data: give --data DIR ({train_split}/images + {train_split}/'
+                         f'{"depth" if kind == "depth" else "masks"}) or data.data_dir / data.dataset in the recipe')
+    crop = tuple(spec['crop_size']) if spec.get('crop_size') else None
+    train_set = PairedImages(train, crop_size=crop, hflip=spec.get('hflip', 0.5), **common)
+    eval_set = PairedImages(evaluation, multiple=spec.get('eval_multiple', 32), **common)
+    return train_set, eval_set, None
+
+
+def _depth_loss(recipe, model):
+    setting = EVAL_SETTINGS[recipe['data'].get('benchmark', 'nyu')]
+    silog = SILogLoss()
+
+    def loss_fn(model, batch):
+        images, depth = batch
+        valid = (depth > setting['min_depth']) & (depth < setting['max_depth'])
+        return silog(model(images), depth, valid)
+    return loss_fn
+
+
+@torch.no_grad()
+def _depth_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
+    benchmark, crop = recipe['data'].get('benchmark', 'nyu'), recipe['data'].get('eval_crop')
+    metrics = DepthMetrics()
+    model = model.to(accelerator.device)
+    for index in range(len(eval_set)):
+        image, depth = eval_set[index]
+        pred = model(image[None].to(accelerator.device)).float().cpu()
+        metrics.update(pred, depth[None], eval_mask(depth[None], benchmark, crop=crop))
+    return metrics.compute()
+
+
+def _segmentation_loss(recipe, model):
+    criterion = CeDiceLoss()
+
+    def loss_fn(model, batch):
+        images, masks = batch
+        heads = getattr(model, 'module', model)
+        outputs = model(images) if not hasattr(heads, 'forward_train') else heads.forward_train(images)
+        return criterion(outputs, masks)
+    return loss_fn
+
+
+@torch.no_grad()
+def _segmentation_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
+    """Mean Dice and mean IoU over the foreground classes (1..K-1) present in the prediction or the truth."""
+    model = model.to(accelerator.device)
+    num_classes = max(model.num_classes, 2)
+    intersection, pred_area, true_area = (torch.zeros(num_classes) for _ in range(3))
+    for index in range(len(eval_set)):
+        image, mask = eval_set[index]
+        logits = model(image[None].to(accelerator.device)).float().cpu()[0]
+        pred = (logits[0] > 0).long() if logits.shape[0] == 1 else logits.argmax(0)
+        for k in range(1, num_classes):
+            p, t = pred == k, mask == k
+            intersection[k] += (p & t).sum()
+            pred_area[k] += p.sum()
+            true_area[k] += t.sum()
+    present = (pred_area + true_area)[1:] > 0
+    if not present.any():
+        raise ValueError('no foreground pixel in the evaluation masks or predictions')
+    dice = (2 * intersection / (pred_area + true_area).clamp(min=1))[1:][present]
+    iou = (intersection / (pred_area + true_area - intersection).clamp(min=1))[1:][present]
+    return {'mean_dice': dice.mean().item(), 'mean_iou': iou.mean().item()}
+
+
+depth = SimpleNamespace(datasets=datasets, make_loss=_depth_loss, evaluate=_depth_evaluate)
+segmentation = SimpleNamespace(datasets=datasets, make_loss=_segmentation_loss, evaluate=_segmentation_evaluate)
