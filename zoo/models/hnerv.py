@@ -527,11 +527,14 @@ default_cfgs = generate_default_cfgs({
         source='official',
         description=(
             'The authors\' quantized Big Buck Bunny model (checkpoints/quant_vid.pth, 640x1280 crop, 132 frames, '
-            '300 epochs; 8-bit decoder and embeddings), dequantized on load.'),
+            '300 epochs; 8-bit decoder, 6-bit embeddings), dequantized on load.'),
         notes=(
             'The release holds the decoder and the 132 frame embeddings, not the encoder: after loading, '
             '`model.frame_embeddings` (132, 16, 2, 4) holds the embeddings and `model.decode(...)` turns them into '
             'frames; the encoder keeps its random init. `zoo.models.hnerv.load_quantized_release` returns both.',
+            'Decoded with the zoo, the release gives 33.54 dB PSNR (mean of per-frame PSNRs, all 132 frames) against '
+            'the official Bunny frames centre-cropped to 640x1280 (measured here). The paper\'s 35.57 dB for 1.5M '
+            'is before quantization.',
         ),
     ),
     'hnerv_3m.untrained': _cfg(**_UNTRAINED),

@@ -66,6 +66,7 @@ class NeRVPlusPlus(NeRV):
 
     def __init__(self, pe_levels: int = 40, lower_width: int = 80, act_layer: str = 'silu', **kwargs):
         super().__init__(pe_levels=pe_levels, lower_width=lower_width, act_layer=act_layer, **kwargs)
+        self.fast_decode = False  # channels-last decoding measured no faster on CPU here (1.0-1.05x slower)
         self.apply(self._init_weights)
 
     @staticmethod
