@@ -76,8 +76,25 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Dict[s
         *parents, leaf = key.split('.')
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse_override(value)
     return check_recipe(recipe, source=str(path))
+
+
+def _parse_override(text: str) -> Any:
+    """A command-line value as YAML, except that `2e-3` is a number and `no` / `off` stay strings.
+
+    YAML 1.1 (PyYAML) reads a float only with a dot before the exponent, and yes/no/on/off as booleans,
+    which would turn `train.lr=2e-3` into a string and `train.mixed_precision=no` into False.
+    """
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ('true', 'false'):
+        return text.strip()
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def check_recipe(recipe: Dict[str, Any], source: str = 'recipe') -> Dict[str, Any]:
@@ -265,7 +282,7 @@ def train(
             if stopping:
                 progress.close()
                 accelerator.print(f'stopped after step {state.step}; continue with --resume')
-                accelerator.end_training()
+                accelerator.end_training()  # last: it also shuts down the process group
                 return None
         if state.batch_in_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -279,7 +296,6 @@ def train(
     metrics = task.evaluate(recipe, final_model, eval_set, accelerator)
     if cfg['log_with']:
         accelerator.log({f'eval/{k}': v for k, v in metrics.items()}, step=state.step)
-    accelerator.end_training()
     if accelerator.is_main_process:
         folder = save_trained(final_model, output_dir / 'model', recipe, metrics, data=data)
         accelerator.print(f'wrote {folder}')
@@ -290,6 +306,7 @@ def train(
             commit = hub.push_folder(folder, push_to_hub, commit_message=f'Train {recipe["model"]} with zoo')
             accelerator.print(f'pushed to {getattr(commit, "commit_url", push_to_hub)}')
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it also shuts down the process group
     return metrics
 
 

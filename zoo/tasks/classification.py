@@ -2,7 +2,8 @@
 
 A recipe's `data` names a local image folder (`data_dir`, laid out `train/<class>/*` and `validation/<class>/*`,
 read with `datasets`' `imagefolder`) or a Hub dataset id (`dataset`, e.g. `ILSVRC/imagenet-1k`), and may set
-`input_size: [H, W]` to train at another resolution than the model's default. `aug` holds
+`input_size: [H, W]` to train at another resolution than the model's default. `aug` values override the
+model's data config (`interpolation`, `crop_pct` and `crop_mode` apply to evaluation too). `aug` holds
 timm's `create_transform` arguments plus `mixup`, `cutmix` and `label_smoothing`.
 """
 import random
@@ -55,8 +56,9 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
     if spec.get('input_size'):
         data_config['input_size'] = (3, *spec['input_size'])
     aug = {k: v for k, v in (recipe.get('aug') or {}).items() if k not in _MIX_KEYS}
-    train_transform = create_transform(**data_config, is_training=True, **aug)
-    eval_transform = create_transform(**data_config, is_training=False)
+    train_transform = create_transform(**{**data_config, **aug}, is_training=True)
+    eval_config = {k: v for k, v in aug.items() if k in ('interpolation', 'crop_pct', 'crop_mode')}
+    eval_transform = create_transform(**{**data_config, **eval_config}, is_training=False)
 
     seed = recipe['train']['seed']
     train_set = SeededAugmentation(splits[train_split], train_transform, seed, image_key, label_key)
