@@ -1,0 +1,59 @@
+"""Every training recipe and Accelerate config can be run as written: it loads, names its source, builds its
+model (on the meta device), its optimizer and its schedule, and its augmentation is one timm accepts."""
+from pathlib import Path
+
+import pytest
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+
+import zoo
+from zoo import trainer
+from zoo.tasks.classification import _MIX_KEYS
+from zoo.tasks.video import fitting_loss
+
+ROOT = Path(__file__).resolve().parents[1] / 'training'
+RECIPES = sorted((ROOT / 'recipes').glob('*.yaml'))
+
+
+def test_recipes_exist():
+    assert len(RECIPES) >= 40
+
+
+@pytest.mark.parametrize('path', RECIPES, ids=lambda p: p.stem)
+def test_recipe_builds(path):
+    recipe = trainer.load_recipe(path)
+    assert isinstance(recipe.get('source'), str) and len(recipe['source']) > 20, 'a recipe names its source'
+    cfg = recipe['train']
+    for key in ('lr', 'weight_decay', 'warmup_lr', 'min_lr'):
+        assert isinstance(cfg[key], float) or cfg[key] == 0, f'train.{key} must be a number, got {cfg[key]!r}'
+    assert cfg['mixed_precision'] in ('no', 'fp16', 'bf16')
+
+    model_args = {k: v for k, v in recipe['model_args'].items() if k != 'pretrained'}  # no downloads in tests
+    if recipe['task'] == 'video':
+        model_args['num_frames'] = recipe['data'].get('max_frames') or 50
+        fitting_loss(recipe.get('loss', 'l2'))
+    with torch.device('meta'):
+        model = zoo.create_model(recipe['model'], **model_args)
+    optimizer = create_optimizer_v2(
+        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'])
+    create_scheduler_v2(
+        optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
+        warmup_lr=cfg['warmup_lr'], min_lr=cfg['min_lr'], step_on_epochs=False, updates_per_epoch=10)
+
+    if recipe['task'] == 'classification':
+        data_config = resolve_data_config(model=model)
+        aug = {k: v for k, v in (recipe.get('aug') or {}).items() if k not in _MIX_KEYS}
+        assert not set(aug) & set(data_config), 'interpolation / crop_pct / mean / std come from the model config'
+        if recipe['data'].get('input_size'):
+            data_config['input_size'] = (3, *recipe['data']['input_size'])
+        create_transform(**data_config, is_training=True, **aug)
+
+
+@pytest.mark.parametrize('name', ['ddp', 'fsdp', 'deepspeed'])
+def test_accelerate_config_loads(name):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(ROOT / 'accelerate' / f'{name}.yaml'))
+    assert config.num_machines == 1 and config.machine_rank == 0 and config.num_processes > 1
