@@ -83,6 +83,20 @@ def _dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
     return dense
 
 
+def _dw_conv_reachable(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a depth-wise stride-1 'same' conv, with the kernel cropped to the taps that can reach a pixel.
+
+    On an HxW map an offset beyond H - 1 (or W - 1) only ever meets zero padding, so e.g. a 13x13 kernel acts as
+    a 7x7 one on a 4x4 map (stage 4 at 128 px): the same sums with fewer multiplies.
+    """
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    rh, rw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+    if (rh, rw) == (ph, pw) or conv.dilation != (1, 1) or (kh, kw) != (2 * ph + 1, 2 * pw + 1):
+        return conv(x)
+    weight = conv.weight[:, :, ph - rh:ph + rh + 1, pw - rw:pw + rw + 1]
+    return F.conv2d(x, weight, conv.bias, padding=(rh, rw), groups=conv.groups)
+
+
 def _dw_conv(dim: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
     """Depth-wise stride-1 conv with 'same' padding."""
     padding = (dilation * (kernel_size - 1) + 1) // 2
@@ -180,7 +194,11 @@ class UniRepLKNetMlp(nn.Module):
 
 
 class UniRepLKNetBlock(nn.Module):
-    """x + DropPath(ls(mlp(se(norm(conv_dw(x))))))."""
+    """x + DropPath(ls(mlp(se(norm(conv_dw(x)))))).
+
+    `fast` (the default) runs a deploy-form block at inference through `forward_fast`, the same function with
+    fewer passes over memory; `fast=False` runs the plain module-by-module path.
+    """
 
     def __init__(
             self,
@@ -189,8 +207,10 @@ class UniRepLKNetBlock(nn.Module):
             drop_path: float = 0.,
             layer_scale_init_value: Optional[float] = 1e-6,
             deploy: bool = False,
+            fast: bool = True,
     ):
         super().__init__()
+        self.fast = fast
         if kernel_size not in BLOCK_KERNEL_SIZES:
             raise ValueError(f'UniRepLKNet block kernel size must be one of {BLOCK_KERNEL_SIZES}, got {kernel_size}')
         if kernel_size == 0:
@@ -211,8 +231,35 @@ class UniRepLKNetBlock(nn.Module):
         return isinstance(self.mlp.norm, nn.Identity) and self.mlp.grn.bias is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not self.training and self.deploy:
+            return self.forward_fast(x)
         y = self.mlp(self.se(self.norm(self.conv_dw(x))))
         return x + self.drop_path(self.ls(y))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The deploy-form block in NCHW without permutes, the SE and GRN scales folded into the Linear weights.
+
+        SE scales the channels of each image before fc1, and GRN (x * (1 + w * N(x))) those of the hidden map
+        before fc2, so both become per-image weights of a batched matmul: the 4x-wide hidden tensor is written
+        once (fc1), activated, reduced once (the GRN norm) and read once (fc2, whose product lands on the
+        residual). The large kernel is cropped to what the map can reach (`_dw_conv_reachable`).
+        """
+        b, c, h, w = x.shape
+        if isinstance(self.conv_dw, DilatedReparamConv):
+            y = _dw_conv_reachable(self.conv_dw.lk_origin, x)
+        elif isinstance(self.conv_dw, nn.Conv2d):
+            y = _dw_conv_reachable(self.conv_dw, x)
+        else:
+            y = x
+        se = self.se
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))).view(b, 1, c)
+        mlp = self.mlp
+        hidden = torch.bmm(mlp.fc1.weight * gate, y.reshape(b, c, h * w))
+        hidden = mlp.act(hidden.add_(mlp.fc1.bias[:, None]))
+        norm = torch.linalg.vector_norm(hidden, dim=2)
+        grn_scale = 1 + mlp.grn.weight * (norm / (norm.mean(dim=1, keepdim=True) + mlp.grn.eps))
+        shortcut = (x + mlp.fc2.bias[:, None, None]).reshape(b, c, h * w)
+        return torch.baddbmm(shortcut, mlp.fc2.weight * grn_scale[:, None, :], hidden).view(b, c, h, w)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -267,6 +314,7 @@ class UniRepLKNetStage(nn.Module):
             layer_scale_init_value: Optional[float] = 1e-6,
             deploy: bool = False,
             downsample: bool = True,
+            fast: bool = True,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -278,7 +326,8 @@ class UniRepLKNetStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[
-            UniRepLKNetBlock(out_chs, k, drop_path=dpr, layer_scale_init_value=layer_scale_init_value, deploy=deploy)
+            UniRepLKNetBlock(
+                out_chs, k, drop_path=dpr, layer_scale_init_value=layer_scale_init_value, deploy=deploy, fast=fast)
             for k, dpr in zip(kernel_sizes, drop_path_rates)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +353,8 @@ class UniRepLKNet(nn.Module):
         drop_rate: Dropout before the classifier (the official model has none).
         drop_path_rate: Stochastic depth, linearly spaced from 0 over all blocks.
         deploy: Build the re-parameterised inference form (load deploy checkpoints, or use `reparameterize()`).
+        fast: Run deploy-form blocks at inference through `UniRepLKNetBlock.forward_fast` (same outputs, fewer
+            passes over memory). False keeps the plain module-by-module path; see also `set_fast()`.
     """
 
     def __init__(
@@ -319,6 +370,7 @@ class UniRepLKNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             deploy: bool = False,
+            fast: bool = True,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -361,6 +413,7 @@ class UniRepLKNet(nn.Module):
                 layer_scale_init_value=layer_scale_init_value,
                 deploy=deploy,
                 downsample=i > 0,
+                fast=fast,
             ))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -404,6 +457,13 @@ class UniRepLKNet(nn.Module):
         for module in self.modules():
             if isinstance(module, UniRepLKNetBlock):
                 module.reparameterize()
+        return self
+
+    def set_fast(self, enable: bool = True) -> 'UniRepLKNet':
+        """Choose the fast inference path of deploy-form blocks (default) or the plain one (to compare)."""
+        for module in self.modules():
+            if isinstance(module, UniRepLKNetBlock):
+                module.fast = enable
         return self
 
     @torch.jit.ignore
