@@ -171,7 +171,7 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
         x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + self.eps)
-        x = x + self.weight * (x * x_n)
+        x = x * (1 + self.weight * x_n)  # one pass over x: the scale is per image and channel
         return x if self.bias is None else x + self.bias
 
 
@@ -237,12 +237,15 @@ class UniRepLKNetBlock(nn.Module):
         return x + self.drop_path(self.ls(y))
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """The deploy-form block in NCHW without permutes, the SE and GRN scales folded into the Linear weights.
+        """The deploy-form block with fewer passes over memory: no BN / layer-scale modules, no NCHW <-> NHWC
+        round trips of the 4x-wide hidden tensor, GRN as one scale, the residual added by the second matmul.
 
         SE scales the channels of each image before fc1, and GRN (x * (1 + w * N(x))) those of the hidden map
-        before fc2, so both become per-image weights of a batched matmul: the 4x-wide hidden tensor is written
-        once (fc1), activated, reduced once (the GRN norm) and read once (fc2, whose product lands on the
-        residual). The large kernel is cropped to what the map can reach (`_dw_conv_reachable`).
+        before fc2. On maps with more pixels than channels both scales go into per-image copies of the Linear
+        weights (a batched matmul on NCHW), so the hidden tensor is written once, activated, reduced once and
+        read once. On smaller maps scaling the weights would cost more than scaling the activations, so those
+        run as two plain matmuls over every pixel of the batch. The large kernel is cropped to what the map can
+        reach (`_dw_conv_reachable`).
         """
         b, c, h, w = x.shape
         if isinstance(self.conv_dw, DilatedReparamConv):
@@ -251,15 +254,22 @@ class UniRepLKNetBlock(nn.Module):
             y = _dw_conv_reachable(self.conv_dw, x)
         else:
             y = x
-        se = self.se
-        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))).view(b, 1, c)
-        mlp = self.mlp
-        hidden = torch.bmm(mlp.fc1.weight * gate, y.reshape(b, c, h * w))
-        hidden = mlp.act(hidden.add_(mlp.fc1.bias[:, None]))
-        norm = torch.linalg.vector_norm(hidden, dim=2)
-        grn_scale = 1 + mlp.grn.weight * (norm / (norm.mean(dim=1, keepdim=True) + mlp.grn.eps))
-        shortcut = (x + mlp.fc2.bias[:, None, None]).reshape(b, c, h * w)
-        return torch.baddbmm(shortcut, mlp.fc2.weight * grn_scale[:, None, :], hidden).view(b, c, h, w)
+        se, mlp = self.se, self.mlp
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
+        if h * w > c:
+            hidden = torch.bmm(mlp.fc1.weight * gate.view(b, 1, c), y.reshape(b, c, h * w))
+            hidden = mlp.act(hidden.add_(mlp.fc1.bias[:, None]))
+            norm = torch.linalg.vector_norm(hidden, dim=2)
+            grn_scale = 1 + mlp.grn.weight * (norm / (norm.mean(dim=1, keepdim=True) + mlp.grn.eps))
+            shortcut = (x + mlp.fc2.bias[:, None, None]).reshape(b, c, h * w)
+            return torch.baddbmm(shortcut, mlp.fc2.weight * grn_scale[:, None, :], hidden).view(b, c, h, w)
+        y = (y * gate).permute(0, 2, 3, 1).reshape(b * h * w, c)
+        hidden = mlp.act(F.linear(y, mlp.fc1.weight, mlp.fc1.bias)).view(b, h * w, -1)
+        norm = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
+        hidden = hidden * (1 + mlp.grn.weight * (norm / (norm.mean(dim=2, keepdim=True) + mlp.grn.eps)))
+        shortcut = (x + mlp.fc2.bias[:, None, None]).permute(0, 2, 3, 1).reshape(b * h * w, c)
+        out = torch.addmm(shortcut, hidden.view(b * h * w, -1), mlp.fc2.weight.t())
+        return out.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
     def reparameterize(self) -> None:
