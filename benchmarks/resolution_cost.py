@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         ax_time.plot(sizes, [latency_ms[label][s] for s in sizes], 'o-', label=label)
     ax_macs.set(xlabel='input resolution (px)', ylabel='GMACs per image', title='Compute', yscale='log')
     ax_time.set(xlabel='input resolution (px)', ylabel='ms per image',
-                title=f'CPU latency, batch 1, {torch.get_num_threads()} threads', yscale='log')
+                title=f'CPU latency, batch 1, {torch.get_num_threads()} thread(s)', yscale='log')
     for ax in (ax_macs, ax_time):
         ax.grid(True, which='both', alpha=0.3)
         ax.legend()

@@ -84,6 +84,17 @@ def build_sides(variant: str, official, compile_fast: bool):
     return sides
 
 
+def profile_table(model: torch.nn.Module, x: torch.Tensor, rows: int = 12) -> str:
+    """The operators that take the most self CPU time in one batch (after one warm-up batch)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x)
+    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--variants', nargs='+', default=['a', 't'])
@@ -94,6 +105,8 @@ def main(argv=None) -> None:
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--official-repo', type=Path, help='checkout of AILab-CVC/UniRepLKNet')
     parser.add_argument('--compile', action='store_true', help='add torch.compile of the fast deploy form')
+    parser.add_argument('--profile', action='store_true',
+                        help='print the torch.profiler operator table of each deploy side (one batch) first')
     parser.add_argument('--clock', choices=['wall', 'cpu'], default='wall',
                         help='cpu: CPU time of the process (with --threads 1, robust to other load)')
     args = parser.parse_args(argv)
@@ -109,6 +122,10 @@ def main(argv=None) -> None:
     print(f'# float32 matmul (1024^3): {matmul_gflops(clock=clock):.0f} GFLOP/s ({args.clock} time)')
     for variant in args.variants:
         sides = build_sides(variant, official, args.compile)
+        if args.profile:
+            for k in ('deploy plain', 'deploy fast'):
+                print(f'\n## torch.profiler, unireplknet_{variant} {k}')
+                print(profile_table(sides[k], x))
         with torch.inference_mode():
             reference = sides['deploy plain'](x)
             scale = reference.abs().max().item()
