@@ -14,7 +14,9 @@ plain 3x3 or 5x5 depth-wise conv.
 
 Two forms share one class: the training form (`deploy=False`, the layout of the official checkpoints) and the
 deploy form (`deploy=True`, every BN, branch, GRN bias and layer scale folded away). `model.reparameterize()`
-(or `timm.utils.reparameterize_model`) turns the first into the second in place.
+(or `timm.utils.reparameterize_model`) turns the first into the second in place. At inference a deploy-form
+block runs `UniRepLKNetBlock.forward_fast`, the same function with fewer passes over memory (`fast=False` or
+`model.set_fast(False)` for the plain path; docs/benchmarks.md has the measurements).
 The official flat `downsample_layers` / `stages` lists become timm-style `stem` and `stages.{i}.{downsample,
 blocks}`; `checkpoint_filter_fn` maps official checkpoints (both forms) onto them.
 """
