@@ -85,3 +85,29 @@ def test_convert_refuses_a_checkpoint_of_another_architecture(capsys, tmp_path):
 def test_card_prints_the_card(capsys):
     code, out, _ = run(capsys, 'card', 'spartan_tiny.in1k')
     assert code == 0 and out.startswith('---') and '# Model card for spartan_tiny.in1k' in out
+
+
+def test_bench_reports_speed_memory_and_the_matmul_fraction(capsys):
+    code, out, _ = run(capsys, 'bench', 'unireplknet_a', '--deploy', '--batch', '2', '--size', '32',
+                       '--threads', '1', '--repeats', '2', '--warmup', '1', '--json')
+    result = json.loads(out)
+    assert code == 0
+    assert result['name'] == 'unireplknet_a' and result['deploy'] and result['size'] == 32
+    assert result['images_per_s'] > 0 and result['latency_p90_ms'] >= result['latency_p50_ms'] > 0
+    assert result['peak_memory_mb'] > 0
+    # 0.64 GMACs at 224 px; convs and matmuls scale with the pixel count (32 px: about 1/49 of it)
+    assert result['gflop_per_image'] == pytest.approx(2 * 0.64 / 49, rel=0.1)
+    assert result['matmul_fraction'] == pytest.approx(result['achieved_gflops'] / result['matmul_gflops'])
+    code, out, _ = run(capsys, 'bench', 'unireplknet_a', '--batch', '2', '--size', '32', '--train',
+                       '--threads', '1', '--repeats', '1', '--warmup', '0')
+    assert code == 0 and 'train' in out and 'GFLOP/s' in out
+    # forward + backward of the training form (0.675 GMACs at 224 px) is about 3 forwards, depth-wise convs included
+    gflop = float(next(line for line in out.splitlines() if 'GFLOP / image' in line).split()[-1])
+    assert gflop == pytest.approx(3 * 2 * 0.675 / 49, rel=0.1)
+
+
+def test_bench_refuses_a_bad_dtype_and_an_unknown_model(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(['bench', 'unireplknet_a', '--dtype', 'int8'])
+    code, _, err = run(capsys, 'bench', 'unireplknet_q')
+    assert code == 2 and 'did you mean unireplknet_t' in err

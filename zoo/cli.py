@@ -1,4 +1,4 @@
-"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce."""
+"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench."""
 import argparse
 import json
 import sys
@@ -171,6 +171,17 @@ def _cmd_reproduce(args) -> None:
         raise SystemExit(1)
 
 
+def _cmd_bench(args) -> None:
+    from zoo.bench import bench_model
+
+    check_model_name(args.name)
+    result = bench_model(
+        args.name, batch=args.batch, size=args.size, deploy=args.deploy, channels_last=args.channels_last,
+        compile=args.compile, dtype=args.dtype, train=args.train, device=args.device, threads=args.threads,
+        repeats=args.repeats, warmup=args.warmup)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -207,6 +218,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--message', default='Add model')
     p.add_argument('--private', action='store_true')
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser('bench', help='images/s, latency, peak memory and GFLOP/s (vs a matmul) of a model')
+    p.add_argument('name')
+    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('--size', type=int, help='input height and width (default: the model\'s input size)')
+    p.add_argument('--deploy', action='store_true', help='re-parameterise first (timm reparameterize_model)')
+    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.add_argument('--train', action='store_true', help='time forward + backward + SGD step')
+    p.add_argument('--device', help='cpu or cuda[:i] (default: cuda if available)')
+    p.add_argument('--threads', type=int, help='torch CPU threads')
+    p.add_argument('--repeats', type=int, default=10, help='timed batches')
+    p.add_argument('--warmup', type=int, default=2, help='untimed batches first')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser('card', help='print a model card, or regenerate model_cards/ with --all')
     p.add_argument('name', nargs='?')

@@ -14,7 +14,9 @@ plain 3x3 or 5x5 depth-wise conv.
 
 Two forms share one class: the training form (`deploy=False`, the layout of the official checkpoints) and the
 deploy form (`deploy=True`, every BN, branch, GRN bias and layer scale folded away). `model.reparameterize()`
-(or `timm.utils.reparameterize_model`) turns the first into the second in place.
+(or `timm.utils.reparameterize_model`) turns the first into the second in place. At inference a deploy-form
+block runs `UniRepLKNetBlock.forward_fast`, the same function with fewer passes over memory (`fast=False` or
+`model.set_fast(False)` for the plain path; docs/benchmarks.md has the measurements).
 The official flat `downsample_layers` / `stages` lists become timm-style `stem` and `stages.{i}.{downsample,
 blocks}`; `checkpoint_filter_fn` maps official checkpoints (both forms) onto them.
 """
@@ -81,6 +83,20 @@ def _dilated_to_dense(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
     dense = kernel.new_zeros(c, g, (kh - 1) * dilation + 1, (kw - 1) * dilation + 1)
     dense[:, :, ::dilation, ::dilation] = kernel
     return dense
+
+
+def _dw_conv_reachable(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a depth-wise stride-1 'same' conv, with the kernel cropped to the taps that can reach a pixel.
+
+    On an HxW map an offset beyond H - 1 (or W - 1) only ever meets zero padding, so e.g. a 13x13 kernel acts as
+    a 7x7 one on a 4x4 map (stage 4 at 128 px): the same sums with fewer multiplies.
+    """
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    rh, rw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+    if (rh, rw) == (ph, pw) or conv.dilation != (1, 1) or (kh, kw) != (2 * ph + 1, 2 * pw + 1):
+        return conv(x)
+    weight = conv.weight[:, :, ph - rh:ph + rh + 1, pw - rw:pw + rw + 1]
+    return F.conv2d(x, weight, conv.bias, padding=(rh, rw), groups=conv.groups)
 
 
 def _dw_conv(dim: int, kernel_size: int, dilation: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -157,7 +173,7 @@ class GlobalResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
         x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + self.eps)
-        x = x + self.weight * (x * x_n)
+        x = x * (1 + self.weight * x_n)  # one pass over x: the scale is per image and channel
         return x if self.bias is None else x + self.bias
 
 
@@ -180,7 +196,11 @@ class UniRepLKNetMlp(nn.Module):
 
 
 class UniRepLKNetBlock(nn.Module):
-    """x + DropPath(ls(mlp(se(norm(conv_dw(x))))))."""
+    """x + DropPath(ls(mlp(se(norm(conv_dw(x)))))).
+
+    `fast` (the default) runs a deploy-form block at inference through `forward_fast`, the same function with
+    fewer passes over memory; `fast=False` runs the plain module-by-module path.
+    """
 
     def __init__(
             self,
@@ -189,8 +209,10 @@ class UniRepLKNetBlock(nn.Module):
             drop_path: float = 0.,
             layer_scale_init_value: Optional[float] = 1e-6,
             deploy: bool = False,
+            fast: bool = True,
     ):
         super().__init__()
+        self.fast = fast
         if kernel_size not in BLOCK_KERNEL_SIZES:
             raise ValueError(f'UniRepLKNet block kernel size must be one of {BLOCK_KERNEL_SIZES}, got {kernel_size}')
         if kernel_size == 0:
@@ -211,8 +233,45 @@ class UniRepLKNetBlock(nn.Module):
         return isinstance(self.mlp.norm, nn.Identity) and self.mlp.grn.bias is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not self.training and self.deploy:
+            return self.forward_fast(x)
         y = self.mlp(self.se(self.norm(self.conv_dw(x))))
         return x + self.drop_path(self.ls(y))
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The deploy-form block with fewer passes over memory: no BN / layer-scale modules, no NCHW <-> NHWC
+        round trips of the 4x-wide hidden tensor, GRN as one scale, the residual added by the second matmul.
+
+        SE scales the channels of each image before fc1, and GRN (x * (1 + w * N(x))) those of the hidden map
+        before fc2. On maps with more pixels than channels both scales go into per-image copies of the Linear
+        weights (a batched matmul on NCHW), so the hidden tensor is written once, activated, reduced once and
+        read once. On smaller maps scaling the weights would cost more than scaling the activations, so those
+        run as two plain matmuls over every pixel of the batch. The large kernel is cropped to what the map can
+        reach (`_dw_conv_reachable`).
+        """
+        b, c, h, w = x.shape
+        if isinstance(self.conv_dw, DilatedReparamConv):
+            y = _dw_conv_reachable(self.conv_dw.lk_origin, x)
+        elif isinstance(self.conv_dw, nn.Conv2d):
+            y = _dw_conv_reachable(self.conv_dw, x)
+        else:
+            y = x
+        se, mlp = self.se, self.mlp
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
+        if h * w > c:
+            hidden = torch.bmm(mlp.fc1.weight * gate.view(b, 1, c), y.reshape(b, c, h * w))
+            hidden = mlp.act(hidden.add_(mlp.fc1.bias[:, None]))
+            norm = torch.linalg.vector_norm(hidden, dim=2)
+            grn_scale = 1 + mlp.grn.weight * (norm / (norm.mean(dim=1, keepdim=True) + mlp.grn.eps))
+            shortcut = (x + mlp.fc2.bias[:, None, None]).reshape(b, c, h * w)
+            return torch.baddbmm(shortcut, mlp.fc2.weight * grn_scale[:, None, :], hidden).view(b, c, h, w)
+        y = (y * gate).permute(0, 2, 3, 1).reshape(b * h * w, c)
+        hidden = mlp.act(F.linear(y, mlp.fc1.weight, mlp.fc1.bias)).view(b, h * w, -1)
+        norm = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)
+        hidden = hidden * (1 + mlp.grn.weight * (norm / (norm.mean(dim=2, keepdim=True) + mlp.grn.eps)))
+        shortcut = (x + mlp.fc2.bias[:, None, None]).permute(0, 2, 3, 1).reshape(b * h * w, c)
+        out = torch.addmm(shortcut, hidden.view(b * h * w, -1), mlp.fc2.weight.t())
+        return out.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -267,6 +326,7 @@ class UniRepLKNetStage(nn.Module):
             layer_scale_init_value: Optional[float] = 1e-6,
             deploy: bool = False,
             downsample: bool = True,
+            fast: bool = True,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -278,7 +338,8 @@ class UniRepLKNetStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         self.blocks = nn.Sequential(*[
-            UniRepLKNetBlock(out_chs, k, drop_path=dpr, layer_scale_init_value=layer_scale_init_value, deploy=deploy)
+            UniRepLKNetBlock(
+                out_chs, k, drop_path=dpr, layer_scale_init_value=layer_scale_init_value, deploy=deploy, fast=fast)
             for k, dpr in zip(kernel_sizes, drop_path_rates)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +365,8 @@ class UniRepLKNet(nn.Module):
         drop_rate: Dropout before the classifier (the official model has none).
         drop_path_rate: Stochastic depth, linearly spaced from 0 over all blocks.
         deploy: Build the re-parameterised inference form (load deploy checkpoints, or use `reparameterize()`).
+        fast: Run deploy-form blocks at inference through `UniRepLKNetBlock.forward_fast` (same outputs, fewer
+            passes over memory). False keeps the plain module-by-module path; see also `set_fast()`.
     """
 
     def __init__(
@@ -319,6 +382,7 @@ class UniRepLKNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             deploy: bool = False,
+            fast: bool = True,
     ):
         super().__init__()
         depths, dims = tuple(depths), tuple(dims)
@@ -361,6 +425,7 @@ class UniRepLKNet(nn.Module):
                 layer_scale_init_value=layer_scale_init_value,
                 deploy=deploy,
                 downsample=i > 0,
+                fast=fast,
             ))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
@@ -404,6 +469,13 @@ class UniRepLKNet(nn.Module):
         for module in self.modules():
             if isinstance(module, UniRepLKNetBlock):
                 module.reparameterize()
+        return self
+
+    def set_fast(self, enable: bool = True) -> 'UniRepLKNet':
+        """Choose the fast inference path of deploy-form blocks (default) or the plain one (to compare)."""
+        for module in self.modules():
+            if isinstance(module, UniRepLKNetBlock):
+                module.fast = enable
         return self
 
     @torch.jit.ignore
