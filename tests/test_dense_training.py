@@ -75,3 +75,26 @@ def test_unpaired_and_missing_folders_are_named(tmp_path):
         trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(data), quiet=True)
     with pytest.raises(FileNotFoundError, match='train/images/<name>.jpg'):
         trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(tmp_path / 'nothing'), quiet=True)
+
+
+def test_macmd_trains_on_grey_images_with_deep_supervision(tmp_path, monkeypatch):
+    data = _write_pairs(tmp_path / 'data', 'masks', count=2)
+    recipe = _recipe('segmentation')
+    recipe.update(model='macmd_pvt_v2_b2', model_args=dict(num_classes=3))
+    heads = []
+    from zoo.models.macmd import MACMD
+
+    original = MACMD.forward_train
+    monkeypatch.setattr(MACMD, 'forward_train', lambda self, x: heads.append(x.shape) or original(self, x))
+    metrics = trainer.train(recipe, tmp_path / 'run', data=str(data), quiet=True)
+    assert heads and all(shape[1] == 1 for shape in heads), 'every training step uses the three heads, on grey input'
+    assert 0 <= metrics['mean_dice'] <= 1
+
+
+def test_silog_gives_no_nan_without_valid_pixels():
+    from zoo.tasks.depth import SILogLoss
+
+    pred = torch.rand(1, 1, 8, 8, requires_grad=True)
+    loss = SILogLoss()(pred, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(pred.grad).all()

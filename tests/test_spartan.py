@@ -7,7 +7,6 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-import zoo
 from zoo.convert import from_official
 from zoo.hub import CheckpointError, load_state_dict_strict
 from zoo.models import spartan

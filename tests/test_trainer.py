@@ -44,7 +44,7 @@ def recipe_path(tmp_path_factory, image_folder):
         model_args=dict(num_classes=3),
         task='classification',
         data=dict(input_size=[32, 32], cache_dir=str(image_folder.parent / 'hf-datasets')),
-        train=dict(epochs=2, batch_size=8, opt='adamw', lr=1e-3, warmup_epochs=1, seed=3, log_every=1),
+        train=dict(epochs=2, batch_size=8, opt='adamw', lr=1e-3, warmup_epochs=1, seed=3, log_every=1, ema_decay=0.9),
         aug=dict(hflip=0.5, mixup=0.2, label_smoothing=0.1),
     )))
     return path

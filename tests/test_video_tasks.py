@@ -192,7 +192,7 @@ def tiny_model(name, **overrides):
 
 def reference_decode(model, frames, prune=0.1, bits=8):
     """What the bitstream must decode to, computed independently: prune the 10% smallest decoder weights
-    (ndim > 1) globally, quantise every tensor with fp16 min and scale to 2^bits - 1 levels, decode."""
+    (ndim > 1) globally, quantise every tensor with fp32 min and scale to 2^bits - 1 levels, decode."""
     state = {k: v.clone() for k, v in model.decoder_state_dict().items()}
     weights = torch.cat([v.abs().flatten() for v in state.values() if v.ndim > 1])
     threshold = weights.sort().values[int(prune * weights.numel()) - 1]
@@ -201,8 +201,8 @@ def reference_decode(model, frames, prune=0.1, bits=8):
             v[v.abs() <= threshold] = 0
 
     def roundtrip(t):
-        t_min = t.min().half().float()
-        scale = ((t.max() - t_min) / (2 ** bits - 1)).half().float()
+        t_min = t.min()
+        scale = (t.max() - t_min) / (2 ** bits - 1)
         if scale == 0:  # a constant tensor (NeRV++ has some at init): one symbol
             return t_min.expand_as(t)
         return t_min + scale * ((t - t_min) / scale).round().clamp(0, 2 ** bits - 1)
@@ -219,11 +219,13 @@ def reference_decode(model, frames, prune=0.1, bits=8):
 
 @pytest.mark.parametrize('name', list(TINY))
 def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, name):
-    model = tiny_model(name)
+    model = tiny_model(name).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     frames = smooth_frames(h=64, w=96)
     path = tmp_path / 'video.zvid'
     result = video.compress(model, path, frames)
+    assert model.training, 'compress leaves the model in the mode it was in'
+    model.eval()
     decoded = video.decode_video(path)
     torch.testing.assert_close(decoded, reference_decode(model, frames), atol=1e-6, rtol=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
@@ -245,6 +247,12 @@ def test_other_bit_widths_round_trip(tmp_path, bits):
                                reference_decode(model, None, prune=0.2, bits=bits), atol=1e-6, rtol=0)
     values = sum(v.numel() for v in model.decoder_state_dict().values())
     assert result['decoder_bytes'] <= values * (1 if bits <= 8 else 2) + 16 * len(model.decoder_state_dict())
+    video.compress(model, tmp_path / 'unpruned.zvid', prune=0.0, bits=bits)
+    decoded, _ = video.decompress(tmp_path / 'unpruned.zvid')
+    for key, weight in model.decoder_state_dict().items():  # every value within half a quantisation step
+        step = (weight.max() - weight.min()) / (2 ** bits - 1)
+        error = (decoded.decoder_state_dict()[key] - weight).abs().max()
+        assert error <= step / 2 + 1e-7, f'{key}: error {error} for a step of {step}'  # + float32 rounding
 
 
 def test_compress_writes_the_embeddings_a_release_carries(tmp_path):

@@ -7,7 +7,7 @@ from zoo import models
 from zoo.registry import UnknownModelError, is_zoo_model, list_models
 
 __version__ = '0.1.0'
-__all__ = ['UnknownModelError', 'create_model', 'is_zoo_model', 'list_models']
+__all__ = ['UnknownModelError', 'create_model', 'is_zoo_model', 'list_models', 'models']
 
 _namespace.install()
 

@@ -186,10 +186,16 @@ def _write_config(model: nn.Module, directory: Path) -> None:
 
 
 def _file_mode() -> int:
-    """The mode a plain `open(..., 'w')` gives (0o666 less the umask); safetensors' temp files are 0o600."""
+    """The mode a plain `open(..., 'w')` gives (0o666 less the umask); temp files are made 0o600."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+def replace_file(finished: Union[str, Path], target: Union[str, Path]) -> None:
+    """Move a completely written temp file over `target`, readable like any file the user writes."""
+    os.chmod(finished, _file_mode())
+    os.replace(finished, target)
 
 
 def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Optional[Dict[str, Any]] = None) -> Path:
@@ -217,10 +223,8 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
             card += training_section(training)
             names += [TRAINING_NAME, RECIPE_NAME]
         (staging / CARD_NAME).write_text(card)
-        mode = _file_mode()
         for name in names:
-            os.chmod(staging / name, mode)
-            os.replace(staging / name, directory / name)
+            replace_file(staging / name, directory / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory

@@ -225,9 +225,10 @@ def train(
         optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
         warmup_lr=cfg['warmup_lr'], min_lr=cfg['min_lr'], step_on_epochs=False,
         updates_per_epoch=_updates_per_epoch(len(train_loader), cfg['grad_accum']))
-    ema = ModelEmaV3(model, decay=cfg['ema_decay']) if cfg['ema_decay'] else None
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    loss_fn = task.make_loss(recipe, model)
+    # The EMA copy is made from the prepared model, so it lives on the same device.
+    ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg['ema_decay']) if cfg['ema_decay'] else None
+    loss_fn = task.make_loss(recipe, accelerator.unwrap_model(model))
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
 

@@ -27,7 +27,7 @@ Deviations from the official code, all deliberate:
 """
 import logging
 import re
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 import timm
 import torch
@@ -379,7 +379,14 @@ class MACMD(nn.Module):
             F.interpolate(head(dec), size=size, mode='bilinear', align_corners=False)
             for head, dec in zip((self.head, *self.aux_heads), (dec0, dec1, dec2))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, deep_supervision: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Main-head logits at the input size; with `deep_supervision`, `forward_train`'s three heads.
+
+        The flag lets a training loop reach the deep-supervision heads through a DDP / Accelerate wrapper,
+        whose `forward` must run for gradients to be synchronised and autocast to apply.
+        """
+        if deep_supervision:
+            return self.forward_train(x)
         dec0 = self.forward_decoder(x)[0]
         return F.interpolate(self.head(dec0), size=x.shape[-2:], mode='bilinear', align_corners=False)
 

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup, create_transform, resolve_data_config
@@ -110,7 +109,7 @@ def make_loss(recipe: Dict[str, Any], model: torch.nn.Module) -> Callable:
         mixup = Mixup(
             mixup_alpha=aug.get('mixup', 0.0), cutmix_alpha=aug.get('cutmix', 0.0), cutmix_minmax=aug.get('cutmix_minmax'),
             prob=aug.get('mix_prob', 1.0), switch_prob=aug.get('mix_switch_prob', 0.5), mode=aug.get('mix_mode', 'batch'),
-            label_smoothing=smoothing, num_classes=timm.utils.unwrap_model(model).num_classes)
+            label_smoothing=smoothing, num_classes=model.num_classes)
         criterion = SoftTargetCrossEntropy()
     else:
         criterion = LabelSmoothingCrossEntropy(smoothing) if smoothing else torch.nn.CrossEntropyLoss()

@@ -7,8 +7,9 @@ Data is a folder of pairs, matched by file stem:
 
 or a Hub dataset (`data.dataset`) with an image column and a target column (`image_column`, `target_column`).
 Training crops `data.crop_size` at a random place and flips half the samples, image and target together, with
-random state seeded per (seed, epoch, index) as in classification; evaluation runs on whole images, cropped
-to a multiple of `data.eval_multiple` (32 by default) when the model needs one.
+random state seeded per (seed, epoch, index) as in classification; evaluation runs on whole images, centre-
+cropped to a multiple of `data.eval_multiple` (32 by default), or KITTI's bottom-centre 352x1216 benchmark crop.
+Images are read as RGB, or grey for a model built with `in_chans=1` (MACMD's default).
 
 Depth: SIlog loss (iDisc: weight 10, lambda 0.15) on pixels inside the dataset's depth caps, metrics by the
 dataset's protocol (`zoo.tasks.depth`: NYU Eigen crop, KITTI Garg crop). Segmentation: 0.4 CE + 0.6 Dice
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
 
-from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask
+from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask, kitti_benchmark_crop
 from zoo.tasks.segmentation import CeDiceLoss
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -54,11 +55,13 @@ def _pairs(root: Path, split: str, target_dir: str) -> List[Tuple[Path, Path]]:
 class PairedImages(torch.utils.data.Dataset):
     """(normalised image (3, H, W), target (1, H, W) float depth or (H, W) long mask) pairs, seeded augmentation."""
 
-    def __init__(self, samples, kind: str, mean, std, depth_scale: float = 1.0, crop_size=None,
-                 hflip: float = 0.0, multiple: int = 1, seed: int = 0):
-        self.samples, self.kind, self.depth_scale = samples, kind, depth_scale
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    def __init__(self, samples, kind: str, mean, std, in_chans: int = 3, depth_scale: float = 1.0, crop_size=None,
+                 hflip: float = 0.0, multiple: int = 1, kitti_crop: bool = False, seed: int = 0):
+        self.samples, self.kind, self.depth_scale, self.in_chans = samples, kind, depth_scale, in_chans
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).expand(in_chans).reshape(-1, 1, 1) if len(v) == 1
+                               else torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
         self.crop_size, self.hflip, self.multiple, self.seed = crop_size, hflip, multiple, seed
+        self.kitti_crop = kitti_crop
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -73,7 +76,8 @@ class PairedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image, target = self._load(index)
-        x = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.).permute(2, 0, 1)
+        x = np.asarray(image.convert('L' if self.in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
+        x = torch.from_numpy(x).reshape(*x.shape[:2], -1).permute(2, 0, 1)
         if self.kind == 'depth':
             y = torch.from_numpy(np.asarray(target, dtype=np.float32) / self.depth_scale)[None]
         else:
@@ -87,9 +91,12 @@ class PairedImages(torch.utils.data.Dataset):
                 raise ValueError(f'sample {index} is {h}x{w}, smaller than the {ch}x{cw} training crop')
             top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
             x, y = x[..., top:top + ch, left:left + cw], y[..., top:top + ch, left:left + cw]
-        elif self.multiple > 1:
-            h, w = (s - s % self.multiple for s in x.shape[-2:])
-            x, y = x[..., :h, :w], y[..., :h, :w]
+        elif self.kitti_crop:
+            x, y = kitti_benchmark_crop(x), kitti_benchmark_crop(y)
+        elif self.multiple > 1:  # centred, to a size the model takes
+            (h, w), m = x.shape[-2:], self.multiple
+            top, left = (h % m) // 2, (w % m) // 2
+            x, y = x[..., top:top + h - h % m, left:left + w - w % m], y[..., top:top + h - h % m, left:left + w - w % m]
         if self.hflip and rng.random() < self.hflip:
             x, y = x.flip(-1), y.flip(-1)
         return (x - self.mean) / self.std, y.contiguous()
@@ -98,8 +105,9 @@ class PairedImages(torch.utils.data.Dataset):
 def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str] = None, output_dir=None):
     spec, kind = recipe['data'], recipe['task']
     config = resolve_model_data_config(model)
-    common = dict(kind=kind, mean=config['mean'], std=config['std'], depth_scale=spec.get('depth_scale', 1.0),
-                  seed=recipe['train']['seed'])
+    in_chans = getattr(model, 'in_chans', None) or config['input_size'][0]
+    common = dict(kind=kind, mean=config['mean'], std=config['std'], in_chans=in_chans,
+                  depth_scale=spec.get('depth_scale', 1.0), seed=recipe['train']['seed'])
     train_split, eval_split = spec.get('train_split', 'train'), spec.get('eval_split', 'validation')
     source = data or spec.get('data_dir')
     if source:
@@ -116,7 +124,8 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
                          f'{"depth" if kind == "depth" else "masks"}) or data.data_dir / data.dataset in the recipe')
     crop = tuple(spec['crop_size']) if spec.get('crop_size') else None
     train_set = PairedImages(train, crop_size=crop, hflip=spec.get('hflip', 0.5), **common)
-    eval_set = PairedImages(evaluation, multiple=spec.get('eval_multiple', 32), **common)
+    eval_set = PairedImages(evaluation, multiple=spec.get('eval_multiple', 32),
+                            kitti_crop=spec.get('benchmark') == 'kitti', **common)
     return train_set, eval_set, None
 
 
@@ -146,11 +155,11 @@ def _depth_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
 def _segmentation_loss(recipe, model):
     criterion = CeDiceLoss()
 
+    deep_supervision = hasattr(model, 'forward_train')  # MACMD: every head, through the wrapper's forward
+
     def loss_fn(model, batch):
         images, masks = batch
-        heads = getattr(model, 'module', model)
-        outputs = model(images) if not hasattr(heads, 'forward_train') else heads.forward_train(images)
-        return criterion(outputs, masks)
+        return criterion(model(images, deep_supervision=True) if deep_supervision else model(images), masks)
     return loss_fn
 
 

@@ -57,6 +57,8 @@ class SILogLoss(nn.Module):
         pred = _resize_like(pred, target)
         if mask is not None:
             pred, target = pred[mask.bool()], target[mask.bool()]
+        if target.numel() < 2:  # no variance to take (sparse LiDAR under a small crop): no signal, no NaN
+            return pred.sum() * 0
         g = torch.log(pred + _EPS) - torch.log(target + _EPS)
         return self.weight * torch.sqrt(g.var() + self.lam * g.mean() ** 2 + _EPS)
 

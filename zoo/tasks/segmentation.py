@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from zoo.hub import replace_file
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 # Colours of classes 1, 2, ... (cycled); class 0 (background) is left uncoloured.
@@ -197,7 +199,7 @@ def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str,
     try:
         with os.fdopen(fd, 'wb') as f:
             picture.save(f, format='PNG')
-        os.replace(tmp, out_path)
+        replace_file(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

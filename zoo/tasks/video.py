@@ -6,9 +6,10 @@ Frames are float32 tensors (T, 3, H, W) in [0, 1] throughout. Metrics follow the
 
 The bitstream (`compress` / `decompress`) is the paper's pipeline (§4.4): global magnitude pruning of the
 decoder weights, b-bit quantisation of every decoder tensor and of the frame embeddings, entropy coding. The
-quantiser is HNeRV's per-tensor one: 2^b - 1 levels between the tensor's min and max, min and scale kept as
-fp16 side info. (The official code also tries per-axis min/scale and keeps whichever errs least; per-tensor
-alone keeps the side info to 4 bytes a tensor and is the layout of the authors' quantized release.) Quantised
+quantiser is HNeRV's per-tensor one: 2^b - 1 levels between the tensor's min and max. HNeRV keeps min and
+scale as fp16, which clamps values near the top of the range once b > 8 (fp16 has an 11-bit significand), so
+the zoo keeps them as fp32: 8 bytes a tensor. (The official code also tries per-axis min/scale and keeps
+whichever errs least; per-tensor alone is the layout of the authors' quantized release.) Quantised
 symbols are range-coded with `constriction` under a per-tensor categorical model whose table travels in the
 file; a tensor for which the table costs more than it saves is stored raw.
 """
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo.hub import CheckpointError
+from zoo.hub import CheckpointError, replace_file
 
 __all__ = [
     'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'fitting_loss', 'compress', 'decompress',
@@ -181,7 +182,7 @@ def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int =
         os.close(fd)
         try:
             _write_video(arrays, Path(tmp), fps, crf)
-            os.replace(tmp, path)
+            replace_file(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -277,14 +278,14 @@ def interpolate_embeddings(embeddings: torch.Tensor, factor: int) -> torch.Tenso
 #
 # The header names the model and its args and lists the tensors (decoder state-dict entries, then the frame
 # embeddings when the model stores them). The payload holds one record per tensor, in that order:
-#   fp16 min | fp16 scale | coding u8 | raw: the symbols (uint8, or uint16 above 8 bits)
+#   fp32 min | fp32 scale | coding u8 | raw: the symbols (uint8, or uint16 above 8 bits)
 #                                     | categorical: word count u32, table (2^bits uint16 symbol weights),
 #                                       range-coded words (uint32)
 
 
-MAGIC, VERSION = b'ZVID', 1
+MAGIC, VERSION = b'ZVID', 2
 _PREFIX = struct.Struct('<4sHI')
-_RECORD = struct.Struct('<eeB')
+_RECORD = struct.Struct('<ffB')
 _TABLE = struct.Struct('<I')
 RAW, CATEGORICAL = 0, 1
 
@@ -305,11 +306,11 @@ def _prune(state: Dict[str, torch.Tensor], amount: float) -> Dict[str, torch.Ten
 
 
 def _quantize(tensor: torch.Tensor, bits: int) -> Tuple[np.ndarray, float, float]:
-    """HNeRV's per-tensor quantiser with fp16 min and scale: symbols in [0, 2^bits - 1]."""
+    """HNeRV's per-tensor quantiser, with fp32 min and scale: symbols in [0, 2^bits - 1]."""
     tensor = tensor.detach().float().cpu()
     levels = 2 ** bits - 1
-    t_min = float(tensor.min().half())
-    scale = float(((tensor.max() - t_min) / levels).half())
+    t_min = float(np.float32(tensor.min()))
+    scale = float(np.float32((tensor.max() - t_min) / levels))
     if scale == 0:
         return np.zeros(tensor.numel(), dtype=np.int32), t_min, scale
     symbols = ((tensor - t_min) / scale).round().clamp(0, levels)
@@ -381,7 +382,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
-        os.replace(tmp, path)
+        replace_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -389,9 +390,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 @torch.no_grad()
 def _encode_frames(model, frames: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return torch.cat([model.encode(frames=frames[i:i + batch_size].to(device)).cpu()
-                      for i in range(0, len(frames), batch_size)])
+    """The embeddings of `frames` in eval mode, leaving the model's mode as it was."""
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        return torch.cat([model.encode(frames=frames[i:i + batch_size].to(device)).cpu()
+                          for i in range(0, len(frames), batch_size)])
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -424,7 +430,6 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
         raise ValueError(f'{name} was built for {height}x{width} frames; got frames of shape {tuple(frames.shape)}. '
                          'Read them with read_frames(path, frame_size=model.frame_size)')
     model_args = _model_args(model)
-    model.eval()
     tensors = _prune({k: v.detach().float().cpu() for k, v in model.decoder_state_dict().items()}, prune)
     if model.stored_embeddings:
         if embeddings is None:
