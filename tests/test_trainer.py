@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from zoo import hub, trainer
+from zoo.hub import load as load_from_hub  # the `hub` fixture shadows the module in tests that use it
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -177,3 +178,13 @@ def test_every_shipped_recipe_is_valid():
     for path in recipes:
         recipe = trainer.load_recipe(path)
         assert recipe.get('source'), f'{path.name} must name its source (paper table, official config)'
+
+
+def test_push_to_hub_then_reproduce_from_the_repo(hub, recipe_path, image_folder, tmp_path, capsys):
+    from zoo.cli import main
+
+    recipe = trainer.load_recipe(recipe_path, ['train.epochs=1'])
+    trainer.train(recipe, tmp_path / 'run', data=str(image_folder), push_to_hub='org/tiny-convnext', quiet=True)
+    assert load_from_hub('org/tiny-convnext').num_classes == 3
+    assert main(['reproduce', 'org/tiny-convnext', '--output-dir', str(tmp_path / 'again')]) == 0
+    assert 'bit-exact: re-ran the recipe' in capsys.readouterr().out
