@@ -77,3 +77,33 @@ def test_a_frame_folder_sets_the_frame_count(tmp_path):
 
     kwargs = model_kwargs(recipe, str(tmp_path / 'frames'))
     assert kwargs['num_frames'] == 6 and kwargs['frame_size'] == (48, 96)
+
+
+def test_inpainting_mask_has_the_papers_five_boxes():
+    from zoo.tasks.video_fitting import inpainting_mask
+
+    mask = inpainting_mask((96, 192), 10)
+    assert mask.shape == (1, 96, 192) and (mask == 0).sum() == 5 * 10 * 10
+    for y, x in ((48, 96), (24, 48), (24, 144), (72, 48), (72, 144)):
+        assert mask[0, y, x] == 0
+    assert mask[0, 0, 0] == 1 and mask[0, 48, 60] == 1
+
+
+def test_inpainting_never_sees_the_hidden_pixels(tmp_path):
+    """Frames that differ only inside the boxes give the same fitted weights: neither the encoder nor the
+    loss sees the hidden pixels."""
+    from safetensors.torch import load_file
+
+    from zoo.tasks.video_fitting import inpainting_mask
+
+    clip = make_demo_clip(num_frames=4, frame_size=(48, 96))
+    hidden = 1 - inpainting_mask((48, 96), 12)
+    noisy = clip * (1 - hidden) + torch.rand_like(clip) * hidden
+    runs = []
+    for name, frames in (('clean', clip), ('noisy', noisy)):
+        write_frames(frames, tmp_path / name)
+        recipe = trainer.load_recipe(DEMO_RECIPE, SHORT[1:] + ['train.epochs=2', 'data.inpaint_box=12'])
+        metrics = trainer.train(recipe, tmp_path / f'run-{name}', data=str(tmp_path / name), quiet=True)
+        runs.append(load_file(tmp_path / f'run-{name}' / 'model' / 'model.safetensors'))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert metrics['input_psnr'] < 60

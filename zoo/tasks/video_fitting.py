@@ -4,6 +4,7 @@ The data is the video itself: `--data` or the recipe's `data.path` names a folde
 resized to `model_args.frame_size` when the recipe sets one. `data.demo_clip` instead makes a clip from one of
 scikit-image's sample photographs (a slow pan and zoom), so a fit can run with no download at all. The frame
 count and size of the video become the model's `num_frames` and `frame_size`, so one recipe fits any video.
+`data.inpaint_box` fits the video with five boxes of every frame hidden (HNeRV's inpainting).
 
 After training, `report` does what a user of a fitted video wants to see: it loads the Hub folder back through
 `timm.create_model("local-dir:...")`, decodes every frame, compresses the model to a bitstream, and prints PSNR,
@@ -84,11 +85,24 @@ def model_kwargs(recipe: Dict[str, Any], data: Optional[str] = None) -> Dict[str
     return {**recipe['model_args'], 'frame_size': tuple(frames.shape[-2:]), 'num_frames': len(frames)}
 
 
-class VideoFrames(torch.utils.data.Dataset):
-    """(frame, frame index) pairs of one video."""
+def inpainting_mask(frame_size: Tuple[int, int], box: int) -> torch.Tensor:
+    """HNeRV's inpainting mask (1, H, W): 0 in five `box`-pixel squares centred at (1/2, 1/2) and the four
+    (1/4 | 3/4, 1/4 | 3/4) points of the frame, 1 elsewhere."""
+    height, width = frame_size
+    mask = torch.ones(1, height, width)
+    for fy, fx in ((0.5, 0.5), (0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)):
+        top, left = round(fy * height) - box // 2, round(fx * width) - box // 2
+        mask[:, max(top, 0):top + box, max(left, 0):left + box] = 0
+    return mask
 
-    def __init__(self, frames: torch.Tensor):
+
+class VideoFrames(torch.utils.data.Dataset):
+    """(frame, frame index) pairs of one video, and the mask of the pixels that may be seen (all, unless
+    the recipe inpaints: `data.inpaint_box`)."""
+
+    def __init__(self, frames: torch.Tensor, mask: Optional[torch.Tensor] = None):
         self.frames = frames
+        self.mask = torch.ones(1, *frames.shape[-2:]) if mask is None else mask
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -98,27 +112,39 @@ class VideoFrames(torch.utils.data.Dataset):
 
 
 def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str] = None, output_dir=None):
-    """The video is both the training set and the evaluation set: a representation is fitted to it."""
-    frames = VideoFrames(load_video(recipe, data))
-    return frames, frames, None
+    """The video is both the training set and the evaluation set: a representation is fitted to it.
+
+    With `data.inpaint_box: B` (HNeRV's inpainting, paper Table 8: B = 50), five BxB boxes of every frame are
+    hidden: the encoder sees the masked frame and the loss counts only the visible pixels, while evaluation
+    compares the output with the whole true frame, holes included.
+    """
+    frames = load_video(recipe, data)
+    box = recipe['data'].get('inpaint_box')
+    video = VideoFrames(frames, inpainting_mask(frames.shape[-2:], box) if box else None)
+    return video, video, None
 
 
 def make_loss(recipe: Dict[str, Any], model: torch.nn.Module):
     """The recipe's `loss` ('l2' for HNeRV, 'fusion6' for NeRV / NeRV++) between decoded and true frames."""
     loss = fitting_loss(recipe.get('loss', 'l2'))
+    box = recipe['data'].get('inpaint_box')
 
     def loss_fn(model, batch):
         frames, index = batch
-        return loss(model(frames=frames, index=index), frames)
+        if not box:
+            return loss(model(frames=frames, index=index), frames)
+        mask = inpainting_mask(frames.shape[-2:], box).to(frames.device).expand(len(frames), 1, -1, -1)
+        return loss(model(frames=frames * mask, index=index), frames, mask=mask)
     return loss_fn
 
 
 @torch.no_grad()
-def _reconstruct(model: torch.nn.Module, frames: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+def _reconstruct(model: torch.nn.Module, frames: torch.Tensor, mask: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """The model's output for every frame, from the visible pixels only."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(frames), batch_size):
-        batch = frames[start:start + batch_size].to(device)
+        batch = (frames[start:start + batch_size] * mask).to(device)
         index = torch.arange(start, start + len(batch), device=device)
         out.append(model(frames=batch, index=index).float().cpu())
     return torch.cat(out)
@@ -133,7 +159,10 @@ def _quality(decoded: torch.Tensor, frames: torch.Tensor) -> Dict[str, float]:
 
 
 def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set: VideoFrames, accelerator) -> Dict[str, float]:
-    return _quality(_reconstruct(model.to(accelerator.device), eval_set.frames), eval_set.frames)
+    metrics = _quality(_reconstruct(model.to(accelerator.device), eval_set.frames, eval_set.mask), eval_set.frames)
+    if not eval_set.mask.all():  # inpainting: the masked input's own PSNR, for comparison (paper Table 8)
+        metrics['input_psnr'] = psnr(eval_set.frames * eval_set.mask, eval_set.frames).mean().item()
+    return metrics
 
 
 @torch.inference_mode()
@@ -164,7 +193,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     with torch.no_grad():
         if model.stored_embeddings:
-            embeddings = torch.cat([model.encode(frames=batch) for batch in frames.split(4)])
+            embeddings = torch.cat([model.encode(frames=batch * eval_set.mask) for batch in frames.split(4)])
         else:
             embeddings = model.encode(index=torch.arange(len(frames)))
     reloaded = _quality(torch.cat([model.decode(e) for e in embeddings.split(4)]).float(), frames)
