@@ -1,5 +1,6 @@
 """Every training recipe and Accelerate config can be run as written: it loads, names its source, builds its
-model (on the meta device), its optimizer and its schedule, and its augmentation is one timm accepts."""
+model (on the meta device), its optimizer and its schedule, and its augmentation is one timm accepts (dense
+recipes: a training crop the model takes, a known depth benchmark, a loss that builds)."""
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from timm.scheduler import create_scheduler_v2
 import zoo
 from zoo import trainer
 from zoo.tasks.classification import _MIX_KEYS
+from zoo.tasks.depth import EVAL_SETTINGS
 from zoo.tasks.video import fitting_loss
 
 ROOT = Path(__file__).resolve().parents[1] / 'training'
@@ -30,7 +32,8 @@ def test_recipe_builds(path):
         assert isinstance(cfg[key], float) or cfg[key] == 0, f'train.{key} must be a number, got {cfg[key]!r}'
     assert cfg['mixed_precision'] in ('no', 'fp16', 'bf16')
 
-    model_args = {k: v for k, v in recipe['model_args'].items() if k != 'pretrained'}  # no downloads in tests
+    no_downloads = ('pretrained', 'pretrained_encoder', 'pretrained_backbones')  # ImageNet weights of dense models
+    model_args = {k: v for k, v in recipe['model_args'].items() if k not in no_downloads}
     if recipe['task'] == 'video':
         model_args['num_frames'] = recipe['data'].get('max_frames') or 50
         fitting_loss(recipe.get('loss', 'l2'))
@@ -49,6 +52,16 @@ def test_recipe_builds(path):
         if recipe['data'].get('input_size'):
             data_config['input_size'] = (3, *recipe['data']['input_size'])
         create_transform(**data_config, is_training=True, **aug)
+    elif recipe['task'] in ('depth', 'segmentation'):
+        data = recipe['data']
+        multiple = data.get('eval_multiple', 32)
+        assert data.get('crop_size') and all(side % multiple == 0 for side in data['crop_size']), \
+            f'the training crop must be a size the model takes (multiples of {multiple})'
+        if recipe['task'] == 'depth':
+            assert data.get('benchmark', 'nyu') in EVAL_SETTINGS and data.get('depth_scale'), 'depth caps and PNG scale'
+        else:
+            assert model.num_classes >= 2, 'segmentation needs a background and at least one class'
+        trainer.task_module(recipe).make_loss(recipe, model)
 
 
 @pytest.mark.parametrize('name', ['ddp', 'fsdp', 'deepspeed'])
