@@ -116,7 +116,9 @@ def _peak_memory_child(model_name: str, size: int, batch: int, checkpointing: bo
 def peak_memory(model_name: str, size: int, batch: int, checkpointing: bool) -> float:
     out = subprocess.run(
         [sys.executable, __file__, '--memory-child', model_name, '--size', str(size), '--batch', str(batch)]
-        + (['--checkpointing'] if checkpointing else []), capture_output=True, text=True, check=True)
+        + (['--checkpointing'] if checkpointing else []), capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f'{model_name} at {size}px failed:\n{out.stderr[-2000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])['peak_mib']
 
 
