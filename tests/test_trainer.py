@@ -188,3 +188,41 @@ def test_push_to_hub_then_reproduce_from_the_repo(hub, recipe_path, image_folder
     assert load_from_hub('org/tiny-convnext').num_classes == 3
     assert main(['reproduce', 'org/tiny-convnext', '--output-dir', str(tmp_path / 'again')]) == 0
     assert 'bit-exact: re-ran the recipe' in capsys.readouterr().out
+
+
+def test_lr_groups_give_a_prefix_its_own_lr_and_keep_norms_free_of_decay():
+    import timm
+    from timm.optim import create_optimizer_v2
+
+    model = timm.create_model('test_convnext', num_classes=3)
+    optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05,
+                                    param_group_fn=trainer._lr_groups({'stem.': 1e-5}, 0.05))
+    by_param = {id(p): g for g in optimizer.param_groups for p in g['params']}
+    for name, param in model.named_parameters():
+        group = by_param[id(param)]
+        assert group['lr'] == (1e-5 if name.startswith('stem.') else 1e-3), name
+        assert group['weight_decay'] == (0.0 if param.ndim <= 1 else 0.05), name
+    with pytest.raises(trainer.RecipeError, match="'encoder.'"):
+        trainer._lr_groups({'encoder.': 1e-5}, 0.05)(model)
+
+
+def test_step_decay_and_warmup_prefix_reach_the_schedule(recipe_path, image_folder, tmp_path, monkeypatch):
+    schedules = []
+    real = trainer.create_scheduler_v2
+
+    def spy(optimizer, **kwargs):
+        scheduler, epochs = real(optimizer, **kwargs)
+        schedules.append(scheduler)
+        return scheduler, epochs
+
+    monkeypatch.setattr(trainer, 'create_scheduler_v2', spy)
+    recipe = trainer.load_recipe(recipe_path, [
+        'train.sched=step', 'train.decay_epochs=1', 'train.decay_rate=0.5', 'train.warmup_prefix=true',
+        'train.warmup_epochs=1', 'train.warmup_lr=1e-5', "train.lr_groups={'stem.': 1.0e-4}", 'train.epochs=3'])
+    trainer.train(recipe, tmp_path, data=str(image_folder), quiet=True)
+    (scheduler,) = schedules
+    # 3 steps per epoch: warmup for the first epoch, then the step schedule starts afresh (warmup_prefix)
+    # and halves every epoch, for the stem's own lr as for the rest.
+    after_warmup = scheduler._get_lr(3)
+    assert sorted(set(after_warmup)) == pytest.approx([1e-4, 1e-3], rel=1e-6)
+    assert scheduler._get_lr(6) == pytest.approx([v / 2 for v in after_warmup], rel=1e-6)

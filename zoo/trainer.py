@@ -48,7 +48,7 @@ TRAIN_DEFAULTS = dict(
     epochs=1, batch_size=32, opt='adamw', lr=1e-3, weight_decay=0.05, opt_args={}, sched='cosine',
     warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, grad_accum=1, clip_grad=None, mixed_precision='no', seed=0,
     checkpoint_every=0, keep_checkpoints=2, log_every=10, log_with=None, num_workers=0, ema_decay=None,
-    grad_checkpointing=False,
+    grad_checkpointing=False, lr_groups={}, warmup_prefix=False, decay_epochs=None, decay_rate=0.1,
 )
 
 
@@ -170,6 +170,27 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
 # The loop
 
 
+def _lr_groups(lr_groups: Dict[str, float], weight_decay: float):
+    """timm `param_group_fn`: parameters under a name prefix of `lr_groups` get that lr (e.g. a pre-trained
+    encoder's lower one); biases, norms and the model's `no_weight_decay()` names get no weight decay, as
+    timm's default grouping does. The schedule scales every group's lr alike."""
+    def group(model: torch.nn.Module):
+        skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+        groups: Dict[tuple, Dict[str, Any]] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            lr = next((lr for prefix, lr in lr_groups.items() if name.startswith(prefix)), None)
+            decay = 0.0 if param.ndim <= 1 or name in skip else weight_decay
+            entry = groups.setdefault((lr, decay), {'params': [], 'weight_decay': decay, **({'lr': lr} if lr else {})})
+            entry['params'].append(param)
+        unused = [prefix for prefix in lr_groups if not any(n.startswith(prefix) for n, _ in model.named_parameters())]
+        if unused:
+            raise RecipeError(f'train.lr_groups prefixes {unused} match no parameter of {type(model).__name__}')
+        return list(groups.values())
+    return group
+
+
 def _updates_per_epoch(num_batches: int, grad_accum: int) -> int:
     return max(1, math.ceil(num_batches / grad_accum))
 
@@ -220,10 +241,12 @@ def train(
     if len(train_loader) == 0:
         raise RecipeError(f'{len(train_set)} training samples make no full batch of {cfg["batch_size"]}')
     optimizer = create_optimizer_v2(
-        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'])
+        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'],
+        **({'param_group_fn': _lr_groups(cfg['lr_groups'], cfg['weight_decay'])} if cfg['lr_groups'] else {}))
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
-        warmup_lr=cfg['warmup_lr'], min_lr=cfg['min_lr'], step_on_epochs=False,
+        warmup_lr=cfg['warmup_lr'], warmup_prefix=cfg['warmup_prefix'], min_lr=cfg['min_lr'],
+        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=False,
         updates_per_epoch=_updates_per_epoch(len(train_loader), cfg['grad_accum']))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # The EMA copy is made from the prepared model, so it lives on the same device.
