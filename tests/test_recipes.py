@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 from timm.data import create_transform, resolve_data_config
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 
 import zoo
 from zoo import trainer
@@ -40,14 +38,10 @@ def test_recipe_builds(path):
     with torch.device('meta'):
         model = zoo.create_model(recipe['model'], **model_args)
     # As zoo.trainer.train builds them: an lr_groups prefix that names no parameter raises here.
-    groups = {'param_group_fn': trainer._lr_groups(cfg['lr_groups'], cfg['weight_decay'])} if cfg['lr_groups'] else {}
-    optimizer = create_optimizer_v2(
-        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'], **groups)
-    assert {g['lr'] for g in optimizer.param_groups} == {cfg['lr'], *cfg['lr_groups'].values()}
-    _, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
-        warmup_lr=cfg['warmup_lr'], warmup_prefix=cfg['warmup_prefix'], min_lr=cfg['min_lr'],
-        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=False, updates_per_epoch=10)
+    optimizer, _, num_epochs = trainer.build_optimizer(cfg, model, updates_per_epoch=10)
+    if cfg['lr_groups']:
+        lrs = {round(cfg['lr'] * g['lr_scale'], 12) for g in optimizer.param_groups}
+        assert lrs == {round(lr, 12) for lr in (cfg['lr'], *cfg['lr_groups'].values())}
     assert num_epochs == cfg['epochs'] + (cfg['warmup_epochs'] if cfg['warmup_prefix'] else 0)
 
     if recipe['task'] == 'classification':

@@ -192,18 +192,21 @@ def test_push_to_hub_then_reproduce_from_the_repo(hub, recipe_path, image_folder
 
 def test_lr_groups_give_a_prefix_its_own_lr_and_keep_norms_free_of_decay():
     import timm
-    from timm.optim import create_optimizer_v2
 
     model = timm.create_model('test_convnext', num_classes=3)
-    optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05,
-                                    param_group_fn=trainer._lr_groups({'stem.': 1e-5}, 0.05))
+    cfg = dict(trainer.TRAIN_DEFAULTS, lr=1e-3, weight_decay=0.05, lr_groups={'stem.': 1e-5}, warmup_epochs=1,
+               warmup_lr=1e-4, min_lr=1e-4, epochs=3, warmup_prefix=True)
+    optimizer, scheduler, _ = trainer.build_optimizer(cfg, model, updates_per_epoch=10)
     by_param = {id(p): g for g in optimizer.param_groups for p in g['params']}
-    for name, param in model.named_parameters():
-        group = by_param[id(param)]
-        assert group['lr'] == (1e-5 if name.startswith('stem.') else 1e-3), name
-        assert group['weight_decay'] == (0.0 if param.ndim <= 1 else 0.05), name
+    for step, expected in ((0, 1e-4), (10, 1e-3), (40, 1e-4)):  # warmup start, peak, end: all scaled for the stem
+        scheduler.step_update(step)
+        for name, param in model.named_parameters():
+            group = by_param[id(param)]
+            scale = 1e-2 if name.startswith('stem.') else 1.0
+            assert group['lr'] == pytest.approx(expected * scale, rel=1e-6), (step, name)
+            assert group['weight_decay'] == (0.0 if param.ndim <= 1 else 0.05), name
     with pytest.raises(trainer.RecipeError, match="'encoder.'"):
-        trainer._lr_groups({'encoder.': 1e-5}, 0.05)(model)
+        trainer._lr_groups({'encoder.': 1e-5}, 1e-3, 0.05)(model)
 
 
 def test_step_decay_and_warmup_prefix_reach_the_schedule(recipe_path, image_folder, tmp_path, monkeypatch):
@@ -223,6 +226,9 @@ def test_step_decay_and_warmup_prefix_reach_the_schedule(recipe_path, image_fold
     (scheduler,) = schedules
     # 3 steps per epoch: warmup for the first epoch, then the step schedule starts afresh (warmup_prefix)
     # and halves every epoch, for the stem's own lr as for the rest.
-    after_warmup = scheduler._get_lr(3)
+    optimizer = scheduler.optimizer
+    scheduler.step_update(3)
+    after_warmup = [g['lr'] for g in optimizer.param_groups]
     assert sorted(set(after_warmup)) == pytest.approx([1e-4, 1e-3], rel=1e-6)
-    assert scheduler._get_lr(6) == pytest.approx([v / 2 for v in after_warmup], rel=1e-6)
+    scheduler.step_update(6)
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([v / 2 for v in after_warmup], rel=1e-6)

@@ -109,6 +109,9 @@ def check_recipe(recipe: Dict[str, Any], source: str = 'recipe') -> Dict[str, An
     unknown = sorted(set(train) - set(TRAIN_DEFAULTS))
     if unknown:
         raise RecipeError(f'{source}: unknown train keys {unknown}; known: {", ".join(sorted(TRAIN_DEFAULTS))}')
+    if train.get('lr_groups') and (train.get('opt_args') or {}).get('layer_decay'):
+        raise RecipeError(f'{source}: train.lr_groups and opt_args.layer_decay cannot be combined (timm skips layer '
+                          'decay when parameter groups are given); use one of them')
     recipe = dict(recipe)
     recipe['train'] = {**TRAIN_DEFAULTS, **train}
     recipe.setdefault('model_args', {})
@@ -170,25 +173,39 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
 # The loop
 
 
-def _lr_groups(lr_groups: Dict[str, float], weight_decay: float):
-    """timm `param_group_fn`: parameters under a name prefix of `lr_groups` get that lr (e.g. a pre-trained
-    encoder's lower one); biases, norms and the model's `no_weight_decay()` names get no weight decay, as
-    timm's default grouping does. The schedule scales every group's lr alike."""
+def _lr_groups(lr_groups: Dict[str, float], base_lr: float, weight_decay: float):
+    """timm `param_group_fn`: parameters under a name prefix of `lr_groups` train at that lr (e.g. a pre-trained
+    encoder's lower one), set as timm's `lr_scale` relative to `base_lr`, so that warmup and the minimum lr
+    scale with it; biases, norms and the model's `no_weight_decay()` names get no weight decay, as timm's
+    default grouping does."""
     def group(model: torch.nn.Module):
         skip = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
         groups: Dict[tuple, Dict[str, Any]] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            lr = next((lr for prefix, lr in lr_groups.items() if name.startswith(prefix)), None)
+            lr = next((lr for prefix, lr in lr_groups.items() if name.startswith(prefix)), base_lr)
             decay = 0.0 if param.ndim <= 1 or name in skip else weight_decay
-            entry = groups.setdefault((lr, decay), {'params': [], 'weight_decay': decay, **({'lr': lr} if lr else {})})
+            entry = groups.setdefault((lr, decay), {'params': [], 'weight_decay': decay, 'lr_scale': lr / base_lr})
             entry['params'].append(param)
         unused = [prefix for prefix in lr_groups if not any(n.startswith(prefix) for n, _ in model.named_parameters())]
         if unused:
             raise RecipeError(f'train.lr_groups prefixes {unused} match no parameter of {type(model).__name__}')
         return list(groups.values())
     return group
+
+
+def build_optimizer(cfg: Dict[str, Any], model: torch.nn.Module, updates_per_epoch: int):
+    """The recipe's timm optimizer and per-step timm schedule: (optimizer, scheduler, epochs incl. warmup)."""
+    groups = {'param_group_fn': _lr_groups(cfg['lr_groups'], cfg['lr'], cfg['weight_decay'])} if cfg['lr_groups'] else {}
+    optimizer = create_optimizer_v2(
+        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'], **groups)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
+        warmup_lr=cfg['warmup_lr'], warmup_prefix=cfg['warmup_prefix'], min_lr=cfg['min_lr'],
+        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    return optimizer, scheduler, num_epochs
 
 
 def _updates_per_epoch(num_batches: int, grad_accum: int) -> int:
@@ -240,14 +257,8 @@ def train(
         num_workers=cfg['num_workers'], generator=torch.Generator().manual_seed(cfg['seed']))
     if len(train_loader) == 0:
         raise RecipeError(f'{len(train_set)} training samples make no full batch of {cfg["batch_size"]}')
-    optimizer = create_optimizer_v2(
-        model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'],
-        **({'param_group_fn': _lr_groups(cfg['lr_groups'], cfg['weight_decay'])} if cfg['lr_groups'] else {}))
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
-        warmup_lr=cfg['warmup_lr'], warmup_prefix=cfg['warmup_prefix'], min_lr=cfg['min_lr'],
-        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=False,
-        updates_per_epoch=_updates_per_epoch(len(train_loader), cfg['grad_accum']))
+    optimizer, scheduler, num_epochs = build_optimizer(
+        cfg, model, _updates_per_epoch(len(train_loader), cfg['grad_accum']))
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     # The EMA copy is made from the prepared model, so it lives on the same device.
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg['ema_decay']) if cfg['ema_decay'] else None
