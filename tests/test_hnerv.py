@@ -204,6 +204,25 @@ def test_quantized_release_dequantizes_into_a_model_and_embeddings(tmp_path):
         hnerv.load_quantized_release(weights)
 
 
+def test_a_release_saved_as_a_hub_folder_keeps_its_embeddings(tmp_path):
+    """The release has no encoder, so its embeddings are the video: they travel with the Hub folder."""
+    from zoo import hub
+    from zoo.tasks import video
+
+    meta, weights, io = load_case('hnerv_convnext_80x160')
+    reference = from_official('hnerv', weights, frame_size=(80, 160), **meta['constructor_kwargs'])
+    torch.save(_official_release(reference, io['embedding']), tmp_path / 'quant_vid.pth')
+    kwargs = hnerv.model_args_from_official(frame_size=(80, 160), **meta['constructor_kwargs'])
+    model, embeddings = hnerv.load_quantized_release(tmp_path / 'quant_vid.pth', 'hnerv_1_5m', **kwargs)
+    assert 'frame_embeddings' not in model.decoder_state_dict()
+    reloaded = hub.load(hub.save_pretrained(model, tmp_path / 'folder'))
+    assert torch.equal(reloaded.frame_embeddings, embeddings)
+    with torch.no_grad():
+        assert torch.equal(reloaded.decode(reloaded.frame_embeddings), model.decode(embeddings))
+    result = video.compress(reloaded, tmp_path / 'bunny.zvid')  # no frames needed: the embeddings are stored
+    assert result['frames'] == len(embeddings) and result['embedding_bytes'] > 0
+
+
 def test_pretrained_bunny_loads_the_release_through_the_hub(tmp_path, monkeypatch):
     with torch.device('meta'):
         full = timm.create_model('hnerv_1_5m')

@@ -177,11 +177,14 @@ def _write_config(model: nn.Module, directory: Path) -> None:
 
     timm >= 1.0.29 repeats `num_classes` inside `model_args`; transformers' TimmWrapper passes
     `num_classes` itself and fails on the duplicate. timm reads the top-level `num_classes`, so the
-    copy in `model_args` is dropped and the file serves both.
+    copy in `model_args` is dropped and the file serves both. A model's `export_model_args()`, if it has
+    one, adds the constructor arguments of state it took on after construction.
     """
     config_path = directory / CONFIG_NAME
     config = json.loads(config_path.read_text())
     config.get('model_args', {}).pop('num_classes', None)
+    if hasattr(model, 'export_model_args'):
+        config.setdefault('model_args', {}).update(model.export_model_args())
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
 

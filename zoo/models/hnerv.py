@@ -197,6 +197,8 @@ class HNeRV(nn.Module):
         pe: (base, levels) builds the official NeRV mode instead: no encoder, frame index in, the embedding is
             the sinusoidal encoding of t = index / num_frames (all sines, then all cosines, in float64).
         fc_hw: NeRV mode only: the grid the stem output is unfolded to.
+        stored_frames: Carry that many frame embeddings in the model (`frame_embeddings`, saved with it), as a
+            release without an encoder does (the official quantized Bunny); set when such a release is loaded.
     """
 
     def __init__(
@@ -218,6 +220,7 @@ class HNeRV(nn.Module):
             out_act: str = 'tanh',
             pe: Optional[Tuple[float, int]] = None,
             fc_hw: Optional[Tuple[int, int]] = None,
+            stored_frames: int = 0,
     ):
         super().__init__()
         self.frame_size = tuple(frame_size)
@@ -259,6 +262,8 @@ class HNeRV(nn.Module):
         self.decoder = HNeRVDecoder(
             self.embed_shape[0], fc_dim, fc_hw, dec_strides, widths, decoder_kernels(len(dec_strides), kernel_sizes),
             depth=dec_depth, act_layer=act_layer, out_act=out_act)
+        if stored_frames:
+            self.register_buffer('frame_embeddings', torch.zeros(stored_frames, *self.embed_shape))
 
     def example_inputs(self, device: Union[str, torch.device] = 'cpu') -> Dict[str, torch.Tensor]:
         """Forward kwargs for one frame."""
@@ -302,8 +307,13 @@ class HNeRV(nn.Module):
         return self.decode(self.encode(frames=frames, index=index))
 
     def decoder_state_dict(self) -> Dict[str, torch.Tensor]:
-        """What a bitstream carries besides the embeddings: every tensor but the encoder's."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith('encoder.')}
+        """What a bitstream carries besides the embeddings: every tensor but the encoder's (and the stored
+        embeddings, which a bitstream keeps as its own section)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(('encoder.', 'frame_embeddings'))}
+
+    def export_model_args(self) -> Dict[str, int]:
+        """Constructor arguments a Hub folder must add to timm's (zoo.hub.save_pretrained reads this)."""
+        return {'stored_frames': len(self.frame_embeddings)} if hasattr(self, 'frame_embeddings') else {}
 
     def load_decoder_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load `decoder_state_dict()`-keyed tensors, all of them or nothing."""
@@ -350,7 +360,7 @@ def is_quantized_release(checkpoint: Dict[str, Any]) -> bool:
 
 def _dequantize_release(checkpoint: Dict[str, Any], model: HNeRV) -> Dict[str, torch.Tensor]:
     """Decoder weights of a quantized release, with the model's own encoder (the release holds none), and the
-    dequantized embeddings of every frame set as `model.frame_embeddings` (a non-persistent buffer)."""
+    dequantized embeddings of every frame as `frame_embeddings`, a buffer saved with the model."""
     try:
         state_dict = {k: dequantize_tensor(v) for k, v in checkpoint['model'].items()}
         embeddings = dequantize_tensor(checkpoint['embed'])
@@ -360,9 +370,11 @@ def _dequantize_release(checkpoint: Dict[str, Any], model: HNeRV) -> Dict[str, t
         raise ValueError(
             f'the release stores embeddings of shape {tuple(embeddings.shape[1:])}, this model takes '
             f'{model.embed_shape}: build it with the frame size and strides the release was made with')
-    model.register_buffer('frame_embeddings', embeddings, persistent=False)
+    if getattr(model, 'frame_embeddings', torch.empty(0)).shape != embeddings.shape:
+        model.register_buffer('frame_embeddings', torch.zeros_like(embeddings))  # the strict load fills it
     state_dict = _rename_official(state_dict)
     state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith('encoder.')})
+    state_dict['frame_embeddings'] = embeddings
     return state_dict
 
 
