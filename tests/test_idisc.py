@@ -235,7 +235,7 @@ def test_normals_are_unit_vectors_at_the_stride_4_scale():
 
 def test_bad_inputs_and_checkpoints_are_refused():
     model = timm.create_model('idisc_resnet101', encoder='resnet18', hidden_dim=16, latent_dim=8, num_latents=4)
-    with pytest.raises(ValueError, match='expected 3 input channels'):
+    with pytest.raises(ValueError, match='expected 3 input channels.*iDisc takes RGB images'):
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match='not an iDisc checkpoint'):
         checkpoint_filter_fn({'conv1.weight': torch.zeros(1)}, model)

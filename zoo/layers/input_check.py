@@ -1,18 +1,23 @@
 """A clear error for images a model cannot take, before a convolution fails deep inside it."""
+from typing import Optional
+
 import torch
 from timm.layers import register_notrace_function
 
 
 @register_notrace_function
-def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1) -> None:
-    """Raise ``ValueError`` unless ``x`` is an (N, in_chans, H, W) batch with H, W >= ``min_size``."""
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1, channel_hint: Optional[str] = None) -> None:
+    """Raise ``ValueError`` unless ``x`` is an (N, in_chans, H, W) batch with H, W >= ``min_size``.
+
+    ``channel_hint`` replaces the advice to rebuild with another ``in_chans``, for models that cannot.
+    """
     if x.ndim != 4:
         raise ValueError(
             f'expected a 4-D image batch (N, {in_chans}, H, W), got a {x.ndim}-D tensor of shape {tuple(x.shape)}')
     if x.shape[1] != in_chans:
         raise ValueError(
             f'expected {in_chans} input channels (N, {in_chans}, H, W), got shape {tuple(x.shape)}; '
-            f'build the model with in_chans={x.shape[1]} to take {x.shape[1]}-channel images')
+            + (channel_hint or f'build the model with in_chans={x.shape[1]} to take {x.shape[1]}-channel images'))
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
             f'expected images of at least {min_size}x{min_size} pixels, got {x.shape[2]}x{x.shape[3]}')

@@ -455,7 +455,7 @@ class IDisc(nn.Module):
         """The encoder's four maps, stride 4 first."""
         if self.encoder is None:
             raise RuntimeError('this iDisc has no encoder (built with encoder=None): call forward_head(features, size)')
-        check_image_input(x, self.in_chans)
+        check_image_input(x, self.in_chans, channel_hint='iDisc takes RGB images (its encoders are RGB-trained)')
         return self.encoder(x)
 
     def forward_head(

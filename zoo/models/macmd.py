@@ -360,7 +360,8 @@ class MACMD(nn.Module):
         H, W = x.shape[-2:]
         if H % OUTPUT_STRIDE or W % OUTPUT_STRIDE:
             def fit(n):
-                return f'{n // OUTPUT_STRIDE * OUTPUT_STRIDE} or {-(-n // OUTPUT_STRIDE) * OUTPUT_STRIDE}'
+                below, above = n // OUTPUT_STRIDE * OUTPUT_STRIDE, -(-n // OUTPUT_STRIDE) * OUTPUT_STRIDE
+                return str(n) if below == above else f'{below} or {above}'
             raise ValueError(
                 f'MACMD needs height and width that are multiples of {OUTPUT_STRIDE} (the encoder output stride, '
                 f'which the decoder undoes in steps of 2), got {H}x{W}; resize or pad to {fit(H)} x {fit(W)}')
