@@ -159,8 +159,13 @@ def _replace_folder(staging: Path, target: Path) -> None:
                 'give a new or empty folder')
         old = Path(tempfile.mkdtemp(prefix=f'.{target.name}.old-', dir=target.parent))
         os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            os.replace(old / target.name, target)  # put the good frames back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
 
