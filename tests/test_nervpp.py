@@ -112,6 +112,10 @@ def test_fast_decode_gives_the_plain_decoders_frames(kwargs, monkeypatch):
     for f, p in zip(fast, plain):
         assert f.shape == p.shape and f.is_contiguous()
         torch.testing.assert_close(f, p, atol=1e-6, rtol=0)
+    block, x = model.blocks[1], torch.randn(2, 3, 5, model.blocks[1].proj.in_channels)  # a batch, one block
+    with torch.no_grad():
+        torch.testing.assert_close(block.forward_fast(x), block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                                   atol=1e-6, rtol=0)
     model.fast_decode = True
     frames = model.decode(pe)
     assert frames.requires_grad

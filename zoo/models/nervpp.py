@@ -126,11 +126,16 @@ class NeRVPlusPlus(NeRV):
 
     def forward_heads(self, embeddings: torch.Tensor) -> List[torch.Tensor]:
         """The image of every head, coarse to fine. Without autograd and with `fast_decode` (the default) the
-        blocks run `NeRVPlusBlock.forward_fast`: the same frames up to float rounding, faster on CPU;
-        `model.fast_decode = False` gives the plain path."""
+        blocks run `NeRVPlusBlock.forward_fast` one frame at a time (a batch's full-resolution activations would
+        not fit in cache): the same frames up to float rounding, faster on CPU; `model.fast_decode = False`
+        gives the plain path."""
         if not self.fast_decode or torch.is_grad_enabled():
             return super().forward_heads(embeddings)
         x = self.stem_features(embeddings).permute(0, 2, 3, 1).contiguous()
+        return [torch.cat(images) for images in zip(*(self._fast_heads(frame) for frame in x.split(1)))]
+
+    def _fast_heads(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The images of every head from an NHWC first feature map, through `NeRVPlusBlock.forward_fast`."""
         images = []
         for i, block in enumerate(self.blocks):
             head = self.heads[str(i)] if str(i) in self.heads else None
