@@ -77,8 +77,9 @@ class NeRVPlusBlock(nn.Module):
         conv = F.linear(x, gcnn.fc1.weight[hidden + split:], gcnn.fc1.bias[hidden + split:])
         conv = gcnn.conv(conv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         gated = torch.empty_like(x)
-        for rows in torch.arange(x.shape[0] * x.shape[1] * x.shape[2]).split(band_pixels):
-            start, stop = int(rows[0]), int(rows[-1]) + 1
+        pixels = x.shape[0] * x.shape[1] * x.shape[2]
+        for start in range(0, pixels, band_pixels):
+            stop = min(start + band_pixels, pixels)
             xi = x.flatten(0, 2)[start:stop]
             g = gcnn.act(F.linear(xi, gcnn.fc1.weight[:hidden], gcnn.fc1.bias[:hidden]))
             g[:, :split] *= F.linear(xi, gcnn.fc1.weight[hidden:hidden + split], gcnn.fc1.bias[hidden:hidden + split])
@@ -92,7 +93,7 @@ class NeRVPlusBlock(nn.Module):
             for r0 in range(0, H, band):
                 r1 = min(r0 + band, H)
                 lo, hi = max(r0 - 1, 0), min(r1 + 1, H)  # the halo: one low-res row each side
-                crop = slice(s * (r0 - lo), s * (r0 - lo + r1 - r0))
+                crop = slice(s * (r0 - lo), s * (r1 - lo))
                 y = self.up.act(self.up.shuffle(up[b:b + 1, lo:hi].permute(0, 3, 1, 2)))
                 skip = F.interpolate(x[b:b + 1, lo:hi].permute(0, 3, 1, 2), scale_factor=s, mode='bilinear',
                                      align_corners=False)
