@@ -1,4 +1,4 @@
-"""Video decoding speed: frames per second of HNeRV at each size, and of the NeRV baseline at equal size.
+"""Video decoding speed: frames per second of HNeRV at each size, of the NeRV baseline at equal size, and of NeRV++.
 
 Decoding from stored embeddings is what a neural video codec does at play time, so the timed call is
 `model.decode(embeddings)`: embeddings are made once, outside the clock. For each size it times
@@ -6,15 +6,18 @@ Decoding from stored embeddings is what a neural video codec does at play time, 
 * HNeRV, plain eager decoder (`fast_decode = False`: the straightforward NCHW path, autograd off);
 * HNeRV, the zoo's default decode (channels-last layout, same frames up to float rounding);
 * the NeRV baseline of the HNeRV paper at the same size (the official code's NeRV mode: 80-level frame-index
-  encoding, 1x1 "FC" to an 8x16 grid, 3x3 NeRV blocks, strides 5-4-2-2), with the same decode path.
+  encoding, 1x1 "FC" to an 8x16 grid, 3x3 NeRV blocks, strides 5-4-2-2), with the same decode path;
+* with `--family nervpp`: NeRV++ XS (the official README's smallest Bunny command, C1 8, built for 640x1280
+  frames: 1.84M parameters), plain eager decoder against the zoo's default (NHWC matmuls, banded tail).
 
 Every number of a table comes from one run, so ratios compare like with like on a shared machine.
 
-    python benchmarks/video_decode.py --batch 1 4 --repeats 3
+    python benchmarks/video_decode.py --family hnerv nervpp --batch 1 4 --repeats 5
 """
 import argparse
 import datetime
 import platform
+import statistics
 import time
 from typing import Callable, Dict
 
@@ -36,11 +39,11 @@ def nerv_baseline(size: str) -> torch.nn.Module:
 
 
 def frames_per_second(runs: Dict[str, Callable[[], torch.Tensor]], batch: Dict[str, int], repeats: int) -> Dict[str, float]:
-    """Frames/s of each decode: batch / its fastest of `repeats` timings, after one warm-up each.
+    """Frames/s of each decode: batch / its median of `repeats` timings, after one warm-up each.
 
     The decodes take turns (round robin) so that load from other processes falls on all of them alike.
     """
-    best = {name: float('inf') for name in runs}
+    times = {name: [] for name in runs}
     with torch.no_grad():
         for run in runs.values():
             run()
@@ -48,8 +51,8 @@ def frames_per_second(runs: Dict[str, Callable[[], torch.Tensor]], batch: Dict[s
             for name, run in runs.items():
                 start = time.perf_counter()
                 run()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return {name: batch[name] / t for name, t in best.items()}
+                times[name].append(time.perf_counter() - start)
+    return {name: batch[name] / statistics.median(t) for name, t in times.items()}
 
 
 def decode_fn(model: torch.nn.Module, embeddings: torch.Tensor, fast: bool) -> Callable[[], torch.Tensor]:
@@ -67,21 +70,10 @@ def cpu_name() -> str:
         return platform.processor() or 'unknown CPU'
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--sizes', nargs='+', default=list(SIZES), choices=SIZES)
-    parser.add_argument('--batch', nargs='+', type=int, default=[1, 4], help='batch sizes; the first is the reference')
-    parser.add_argument('--repeats', type=int, default=3)
-    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-
-    print(f'{datetime.date.today()}, {cpu_name()}, {args.threads} threads, torch {torch.__version__}, '
-          f'640x1280 frames, best of {args.repeats} (round robin), frames/s\n')
+def hnerv_table(args: argparse.Namespace) -> None:
     b0 = args.batch[0]
-    header = ['model', 'counted size (M)', f'HNeRV plain b{b0}', f'HNeRV zoo b{b0}', 'zoo / plain']
-    header += [f'HNeRV zoo b{b}' for b in args.batch[1:]]
+    header = ['model', 'counted size (M)']
+    header += [col for b in args.batch for col in (f'HNeRV plain b{b}', f'HNeRV zoo b{b}', f'zoo / plain b{b}')]
     header += [f'NeRV b{b}' for b in args.batch] + [f'HNeRV / NeRV b{b0}']
     print('| ' + ' | '.join(header) + ' |')
     print('|' + '---|' * len(header))
@@ -91,18 +83,53 @@ def main() -> None:
         row = [f'hnerv_{size}', f'{model.size_params() / 1e6:.3f} (NeRV {baseline.size_params() / 1e6:.3f})']
         runs, batch = {}, {}
         for b in args.batch:
-            runs[f'fast{b}'] = decode_fn(model, torch.randn(b, *model.embed_shape), fast=True)
+            embeddings = torch.randn(b, *model.embed_shape)
+            runs[f'plain{b}'] = decode_fn(model, embeddings, fast=False)
+            runs[f'fast{b}'] = decode_fn(model, embeddings, fast=True)
             runs[f'nerv{b}'] = decode_fn(baseline, baseline.encode(index=torch.arange(b)), fast=True)
-            batch[f'fast{b}'] = batch[f'nerv{b}'] = b
-        runs['plain'], batch['plain'] = decode_fn(model, torch.randn(b0, *model.embed_shape), fast=False), b0
+            batch[f'plain{b}'] = batch[f'fast{b}'] = batch[f'nerv{b}'] = b
         fps = frames_per_second(runs, batch, args.repeats)
-        plain = fps['plain']
-        fast = {b: fps[f'fast{b}'] for b in args.batch}
-        nerv = {b: fps[f'nerv{b}'] for b in args.batch}
-        row += [f'{plain:.2f}', f'{fast[b0]:.2f}', f'{fast[b0] / plain:.2f}x']
-        row += [f'{fast[b]:.2f}' for b in args.batch[1:]]
-        row += [f'{nerv[b]:.2f}' for b in args.batch] + [f'{fast[b0] / nerv[b0]:.2f}x']
+        for b in args.batch:
+            row += [f'{fps[f"plain{b}"]:.2f}', f'{fps[f"fast{b}"]:.2f}', f'{fps[f"fast{b}"] / fps[f"plain{b}"]:.2f}x']
+        row += [f'{fps[f"nerv{b}"]:.2f}' for b in args.batch] + [f'{fps[f"fast{b0}"] / fps[f"nerv{b0}"]:.2f}x']
         print('| ' + ' | '.join(row) + ' |', flush=True)
+
+
+def nervpp_table(args: argparse.Namespace) -> None:
+    header = ['model', 'counted size (M)']
+    header += [col for b in args.batch for col in (f'plain b{b}', f'zoo b{b}', f'zoo / plain b{b}')]
+    print('| ' + ' | '.join(header) + ' |')
+    print('|' + '---|' * len(header))
+    model = timm.create_model('nervpp_xs', frame_size=(640, 1280)).eval()
+    runs, batch = {}, {}
+    for b in args.batch:
+        embeddings = model.encode(index=torch.arange(b))
+        runs[f'plain{b}'] = decode_fn(model, embeddings, fast=False)
+        runs[f'fast{b}'] = decode_fn(model, embeddings, fast=True)
+        batch[f'plain{b}'] = batch[f'fast{b}'] = b
+    fps = frames_per_second(runs, batch, args.repeats)
+    row = ['nervpp_xs, 640x1280', f'{model.size_params() / 1e6:.3f}']
+    for b in args.batch:
+        row += [f'{fps[f"plain{b}"]:.2f}', f'{fps[f"fast{b}"]:.2f}', f'{fps[f"fast{b}"] / fps[f"plain{b}"]:.2f}x']
+    print('| ' + ' | '.join(row) + ' |', flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--family', nargs='+', default=['hnerv'], choices=('hnerv', 'nervpp'))
+    parser.add_argument('--sizes', nargs='+', default=list(SIZES), choices=SIZES, help='HNeRV sizes')
+    parser.add_argument('--batch', nargs='+', type=int, default=[1, 4], help='batch sizes; the first is the reference')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--threads', type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    print(f'{datetime.date.today()}, {cpu_name()}, {args.threads} threads, torch {torch.__version__}, '
+          f'640x1280 frames, median of {args.repeats} (round robin), frames/s\n')
+    for family in args.family:
+        (hnerv_table if family == 'hnerv' else nervpp_table)(args)
+        print()
 
 
 if __name__ == '__main__':

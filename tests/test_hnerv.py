@@ -283,12 +283,21 @@ def test_hub_folder_round_trip_keeps_the_video_configuration(tmp_path):
         torch.testing.assert_close(reloaded.decode(embeddings), model.decode(embeddings), atol=0, rtol=0)
 
 
-def test_fast_decode_gives_the_plain_decoders_frames():
-    model = small_model(fc_dim=24)
+@pytest.mark.parametrize('band_pixels, kwargs', [
+    (16384, {}),
+    (100, {}),  # bands of one to a few rows: every band edge and the halo rows are exercised
+    (500, dict(frame_size=(120, 90), enc_strides=(5, 3, 2), dec_strides=(5, 3, 2), out_act='sigmoid')),
+])
+def test_fast_decode_gives_the_plain_decoders_frames(band_pixels, kwargs, monkeypatch):
+    monkeypatch.setattr(hnerv.HNeRVDecoder, 'band_pixels', band_pixels)
+    model = small_model(fc_dim=24, **kwargs)
+    for p in model.decoder.parameters():
+        if p.ndim == 1:
+            p.data.normal_(0, 0.1)  # random biases too: the official init zeroes them
     layouts = []
     model.decoder.blocks[1].register_forward_pre_hook(
         lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    embeddings = torch.randn(3, 16, 2, 4)
+    embeddings = torch.randn(3, *model.embed_shape)
     with torch.no_grad():
         fast = model.decode(embeddings)
         model.fast_decode = False

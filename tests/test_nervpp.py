@@ -87,3 +87,38 @@ def test_zoo_layout_maps_back_and_foreign_checkpoints_are_refused():
     nerv_weights = load_file(Path(__file__).parent / 'fixtures' / 'nerv' / 'nerv_swish_40x80.weights.safetensors')
     with pytest.raises(ValueError, match=r'not a NeRV\+\+ checkpoint.*layers\.0\.conv\.conv'):
         from_official('nervpp', nerv_weights, **meta['constructor_kwargs'])
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(frame_size=(40, 80), strides=(5, 2, 2)),
+    dict(frame_size=(60, 40), strides=(5, 2, 2), multi_head=True),
+    dict(frame_size=(48, 96), strides=(3, 4), act_layer='gelu', out_act='sigmoid'),
+])
+def test_fast_decode_gives_the_plain_decoders_frames(kwargs, monkeypatch):
+    """The banded NHWC decode is the plain decode up to float rounding, across band edges and batch items;
+    with autograd on, the plain (differentiable) path runs whatever `fast_decode` says."""
+    torch.manual_seed(0)
+    model = timm.create_model('nervpp_xs', fc_dim=8, stem_dim=16, lower_width=8, **kwargs).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)  # the official init zeroes every bias; random ones test the bias handling
+    monkeypatch.setattr(nervpp.NeRVPlusBlock, 'band_pixels', 100)  # many bands, some of one row
+    pe = model.encode(index=torch.tensor([0, 5, 9]))
+    assert model.fast_decode
+    with torch.no_grad():
+        fast = model.forward_heads(pe)
+        model.fast_decode = False
+        plain = model.forward_heads(pe)
+    assert len(fast) == len(plain) == (len(kwargs['strides']) if kwargs.get('multi_head') else 1)
+    for f, p in zip(fast, plain):
+        assert f.shape == p.shape and f.is_contiguous()
+        torch.testing.assert_close(f, p, atol=1e-6, rtol=0)
+    block, x = model.blocks[1], torch.randn(2, 3, 5, model.blocks[1].proj.in_channels)  # a batch, one block
+    with torch.no_grad():
+        torch.testing.assert_close(block.forward_fast(x), block(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                                   atol=1e-6, rtol=0)
+    model.fast_decode = True
+    frames = model.decode(pe)
+    assert frames.requires_grad
+    torch.testing.assert_close(frames, plain[-1], atol=0, rtol=0)
+    frames.mean().backward()
+    assert model.blocks[0].gcnn.fc1.weight.grad is not None

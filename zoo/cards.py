@@ -33,6 +33,8 @@ def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
     the keyword arguments of one forward call.
     """
     meta_model = copy.deepcopy(model).to('meta').eval()
+    if hasattr(meta_model, 'fast_decode'):  # the model's MACs, not the banded decode's (it recomputes halo rows)
+        meta_model.fast_decode = False
     if hasattr(meta_model, 'example_inputs'):
         inputs = meta_model.example_inputs(device='meta')
     else:

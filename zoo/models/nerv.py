@@ -109,12 +109,20 @@ class NeRV(nn.Module):
         t = (index.to(torch.float64) / self.num_frames).float()
         return self.pos_embed(t)
 
-    def forward_heads(self, embeddings: torch.Tensor) -> List[torch.Tensor]:
-        """The image of every head, coarse to fine (one image unless built with multi_head=True)."""
+    def stem_features(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The first feature map (B, C1, h, w) of positional encodings (B, 2 * pe_levels)."""
         if embeddings.ndim != 2 or embeddings.shape[1] != self.pos_embed.embed_dim:
             raise ValueError(
                 f'expected embeddings of shape (B, {self.pos_embed.embed_dim}), got {tuple(embeddings.shape)}')
-        x = self.stem(embeddings).view(-1, self.fc_dim, *self.fc_hw)
+        return self.stem(embeddings).view(-1, self.fc_dim, *self.fc_hw)
+
+    def to_image(self, y: torch.Tensor) -> torch.Tensor:
+        """A head's output mapped to [0, 1]."""
+        return torch.tanh(y) * 0.5 + 0.5 if self.out_act == 'tanh' else torch.sigmoid(y)
+
+    def forward_heads(self, embeddings: torch.Tensor) -> List[torch.Tensor]:
+        """The image of every head, coarse to fine (one image unless built with multi_head=True)."""
+        x = self.stem_features(embeddings)
         channels_last = self.fast_decode and not torch.is_grad_enabled()
         if channels_last:  # NHWC convolutions: the same frames up to float rounding, faster on CPU
             x = x.contiguous(memory_format=torch.channels_last)
@@ -122,9 +130,7 @@ class NeRV(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x)
             if str(i) in self.heads:
-                y = self.heads[str(i)](x)
-                y = torch.tanh(y) * 0.5 + 0.5 if self.out_act == 'tanh' else torch.sigmoid(y)
-                images.append(y.contiguous())
+                images.append(self.to_image(self.heads[str(i)](x)).contiguous())
         return images
 
     def decode(self, embeddings: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ XS / S / M / L are the official README's Bunny commands (C1 8 / 26 / 58 / 112, 4
 width 80): 1,902,725 / 3,379,541 / 6,382,533 / 12,546,111 parameters at 720x1280.
 """
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ class ResidualFFN(nn.Module):
 
 class NeRVPlusBlock(nn.Module):
     """1x1 projection, gated conv block, NeRV upsampling block, residual FFN, plus a bilinear skip."""
+    band_pixels = 16384  # pixels per chunk / band of `forward_fast`: 5-15 MB of activations, within the L3 cache
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, act_layer: str = 'silu'):
         super().__init__()
@@ -60,13 +61,58 @@ class NeRVPlusBlock(nn.Module):
         x = self.gcnn(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return self.rffn(self.up(x)) + skip
 
+    def forward_fast(self, x: torch.Tensor, head: Optional[nn.Conv2d] = None) -> torch.Tensor:
+        """`forward` for inference on NHWC tensors (B, H, W, C), the same values up to float rounding.
+
+        The 1x1 convs and linears run as matrix products on NHWC rows, with no permute copies; the gated block's
+        per-pixel work goes in chunks of `band_pixels` pixels and everything after the upsampling conv in bands
+        of about `band_pixels` output pixels (with a one-row halo for the depthwise conv), so the large
+        full-resolution tensors between those ops stay in cache instead of each making a trip to memory. With
+        `head` (a 1x1 conv) the head runs inside the bands too and its output (B, 3, sH, sW) is returned in place
+        of the features.
+        """
+        s, gcnn, band_pixels = self.stride, self.gcnn, self.band_pixels
+        x = F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+        hidden, split = gcnn.fc2.in_features, gcnn.split_indices[1]
+        conv = F.linear(x, gcnn.fc1.weight[hidden + split:], gcnn.fc1.bias[hidden + split:])
+        conv = gcnn.conv(conv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        gated = torch.empty_like(x)
+        pixels = x.shape[0] * x.shape[1] * x.shape[2]
+        for start in range(0, pixels, band_pixels):
+            stop = min(start + band_pixels, pixels)
+            xi = x.flatten(0, 2)[start:stop]
+            g = gcnn.act(F.linear(xi, gcnn.fc1.weight[:hidden], gcnn.fc1.bias[:hidden]))
+            g[:, :split] *= F.linear(xi, gcnn.fc1.weight[hidden:hidden + split], gcnn.fc1.bias[hidden:hidden + split])
+            g[:, split:] *= conv.flatten(0, 2)[start:stop]
+            torch.addmm(gcnn.fc2.bias, g, gcnn.fc2.weight.t(), out=gated.flatten(0, 2)[start:stop]).add_(xi)
+        up = self.up.conv(gated.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        B, H, W, C = x.shape
+        out = x.new_empty((B, 3, s * H, s * W) if head is not None else (B, s * H, s * W, C))
+        band = max(1, band_pixels // (s * s * W))
+        for b in range(B):
+            for r0 in range(0, H, band):
+                r1 = min(r0 + band, H)
+                lo, hi = max(r0 - 1, 0), min(r1 + 1, H)  # the halo: one low-res row each side
+                crop = slice(s * (r0 - lo), s * (r1 - lo))
+                y = self.up.act(self.up.shuffle(up[b:b + 1, lo:hi].permute(0, 3, 1, 2)))
+                skip = F.interpolate(x[b:b + 1, lo:hi].permute(0, 3, 1, 2), scale_factor=s, mode='bilinear',
+                                     align_corners=False)
+                ffn = self.rffn.conv_dw(y).permute(0, 2, 3, 1)[:, crop]
+                ffn = self.rffn.act(F.linear(ffn, self.rffn.fc1.weight.flatten(1), self.rffn.fc1.bias))
+                ffn = F.linear(ffn, self.rffn.fc2.weight.flatten(1), self.rffn.fc2.bias)
+                ffn = ffn.add_(y.permute(0, 2, 3, 1)[:, crop]).add_(skip.permute(0, 2, 3, 1)[:, crop])
+                if head is None:
+                    out[b, s * r0:s * r1] = ffn[0]
+                else:
+                    out[b, :, s * r0:s * r1] = F.linear(ffn[0], head.weight.flatten(1), head.bias).permute(2, 0, 1)
+        return out
+
 
 class NeRVPlusPlus(NeRV):
     """NeRV++ for one video; the arguments are NeRV's (`zoo.models.nerv.NeRV`), with NeRV++'s defaults."""
 
     def __init__(self, pe_levels: int = 40, lower_width: int = 80, act_layer: str = 'silu', **kwargs):
         super().__init__(pe_levels=pe_levels, lower_width=lower_width, act_layer=act_layer, **kwargs)
-        self.fast_decode = False  # channels-last decoding measured no faster on CPU here (1.0-1.05x slower)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -78,6 +124,29 @@ class NeRVPlusPlus(NeRV):
             trunc_normal_(module.weight, std=.02)
         if isinstance(module, (nn.Conv2d, nn.Linear)):
             nn.init.zeros_(module.bias)
+
+    def forward_heads(self, embeddings: torch.Tensor) -> List[torch.Tensor]:
+        """The image of every head, coarse to fine. Without autograd and with `fast_decode` (the default) the
+        blocks run `NeRVPlusBlock.forward_fast` one frame at a time (a batch's full-resolution activations would
+        not fit in cache): the same frames up to float rounding, faster on CPU; `model.fast_decode = False`
+        gives the plain path."""
+        if not self.fast_decode or torch.is_grad_enabled():
+            return super().forward_heads(embeddings)
+        x = self.stem_features(embeddings).permute(0, 2, 3, 1).contiguous()
+        return [torch.cat(images) for images in zip(*(self._fast_heads(frame) for frame in x.split(1)))]
+
+    def _fast_heads(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The images of every head from an NHWC first feature map, through `NeRVPlusBlock.forward_fast`."""
+        images = []
+        for i, block in enumerate(self.blocks):
+            head = self.heads[str(i)] if str(i) in self.heads else None
+            if i == len(self.blocks) - 1:
+                images.append(self.to_image(block.forward_fast(x, head)))
+            else:
+                x = block.forward_fast(x)
+                if head is not None:
+                    images.append(self.to_image(head(x.permute(0, 3, 1, 2))).contiguous())
+        return images
 
     @staticmethod
     def _make_stem(in_dim: int, hidden: int, depth: int, out_dim: int, act_layer: str) -> nn.Module:
