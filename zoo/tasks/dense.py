@@ -26,7 +26,7 @@ from PIL import Image
 from timm.data import resolve_model_data_config
 
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask, kitti_benchmark_crop
-from zoo.tasks.segmentation import CeDiceLoss
+from zoo.tasks.segmentation import CeDiceLoss, per_channel
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -52,14 +52,27 @@ def _pairs(root: Path, split: str, target_dir: str) -> List[Tuple[Path, Path]]:
     return pairs
 
 
+class _HubPairs:
+    """(image, target) pairs of a `datasets` split, decoded one row at a time when indexed."""
+
+    def __init__(self, split, image_column: str, target_column: str):
+        self.split, self.columns = split, (image_column, target_column)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int):
+        row = self.split[index]
+        return row[self.columns[0]], row[self.columns[1]]
+
+
 class PairedImages(torch.utils.data.Dataset):
     """(normalised image (3, H, W), target (1, H, W) float depth or (H, W) long mask) pairs, seeded augmentation."""
 
     def __init__(self, samples, kind: str, mean, std, in_chans: int = 3, depth_scale: float = 1.0, crop_size=None,
                  hflip: float = 0.0, multiple: int = 1, kitti_crop: bool = False, seed: int = 0):
         self.samples, self.kind, self.depth_scale, self.in_chans = samples, kind, depth_scale, in_chans
-        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).expand(in_chans).reshape(-1, 1, 1) if len(v) == 1
-                               else torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        self.mean, self.std = (per_channel(v, in_chans).view(-1, 1, 1) for v in (mean, std))
         self.crop_size, self.hflip, self.multiple, self.seed = crop_size, hflip, multiple, seed
         self.kitti_crop = kitti_crop
         self.epoch = 0
@@ -118,7 +131,7 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
 
         splits = hf_datasets.load_dataset(spec['dataset'], cache_dir=spec.get('cache_dir'), **spec.get('load_args', {}))
         columns = spec.get('image_column', 'image'), spec.get('target_column', 'depth' if kind == 'depth' else 'label')
-        train, evaluation = ([(row[columns[0]], row[columns[1]]) for row in splits[s]] for s in (train_split, eval_split))
+        train, evaluation = (_HubPairs(splits[s], *columns) for s in (train_split, eval_split))
     else:
         raise ValueError(f'no data: give --data DIR ({train_split}/images + {train_split}/'
                          f'{"depth" if kind == "depth" else "masks"}) or data.data_dir / data.dataset in the recipe')

@@ -151,7 +151,7 @@ def synapse_case_metrics(
 # Pictures
 
 
-def _per_channel(values, channels: int) -> torch.Tensor:
+def per_channel(values, channels: int) -> torch.Tensor:
     """A cfg mean / std for `channels` channels (one value is repeated, others averaged down to one)."""
     values = torch.tensor(values, dtype=torch.float32).reshape(-1)
     if values.numel() != channels:
@@ -167,7 +167,7 @@ def predict_mask(model: nn.Module, image: Image.Image) -> np.ndarray:
     in_chans = getattr(model, 'in_chans', in_chans)
     resized = image.convert('L' if in_chans == 1 else 'RGB').resize((width, height), Image.BICUBIC)
     x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.).reshape(height, width, in_chans)
-    x = (x - _per_channel(cfg.get('mean', 0.), in_chans)) / _per_channel(cfg.get('std', 1.), in_chans)
+    x = (x - per_channel(cfg.get('mean', 0.), in_chans)) / per_channel(cfg.get('std', 1.), in_chans)
     x = x.permute(2, 0, 1).unsqueeze(0)
     device = next(model.parameters()).device
     with torch.no_grad():
