@@ -201,6 +201,21 @@ def replace_file(finished: Union[str, Path], target: Union[str, Path]) -> None:
     os.replace(finished, target)
 
 
+def write_atomically(path: Union[str, Path], write: Callable[[Any], None]) -> Path:
+    """`write(binary_file)` into a temp file beside `path`, moved over it only once complete: a failed or
+    interrupted write never leaves half a file where a good one was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}-', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        replace_file(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
 def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Optional[Dict[str, Any]] = None) -> Path:
     """Write config.json, model.safetensors and README.md (the model card) into `directory`.
 

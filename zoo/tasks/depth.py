@@ -6,7 +6,6 @@ Everything follows the iDisc code (SysCV/idisc), which follows the usual NYU / K
   pixels of a batch; RMSE, RMSE log and SIlog per image, then averaged; batches weighted by their size.
 * `eval_mask`: valid depth caps (0.01-10 m NYU, 0.01-80 m KITTI) and the Eigen (NYU) or Garg (KITTI) crop.
 """
-import os
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -179,20 +178,12 @@ def _predict(model: nn.Module, image) -> torch.Tensor:
 
 
 def _write_png(rgb: np.ndarray, out_path: Union[str, Path]) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG via a temporary file beside `out_path`, then rename it over."""
+    """Write an (H, W, 3) uint8 array as PNG, atomically."""
     from PIL import Image
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f'.{out_path.name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            Image.fromarray(rgb).save(f, format='PNG')
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+    from zoo.hub import write_atomically
+
+    return write_atomically(out_path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))
 
 
 def colorize_depth(depth: np.ndarray, cmap: str = 'magma_r') -> np.ndarray:

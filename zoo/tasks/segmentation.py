@@ -3,8 +3,6 @@
 Masks are integer class maps (background 0). Models give logits (B, K, H, W); K = 1 means a binary mask
 read through a sigmoid, K > 1 classes read through a softmax.
 """
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from zoo.hub import replace_file
+from zoo.hub import write_atomically
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -195,12 +193,5 @@ def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str,
     """
     out_path = Path(out_path)
     picture = overlay_mask(image, predict_mask(model, image))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{out_path.name}.', suffix='.png', dir=out_path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            picture.save(f, format='PNG')
-        replace_file(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(out_path, lambda f: picture.save(f, format='PNG'))
     return out_path

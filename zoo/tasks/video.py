@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo.hub import CheckpointError, replace_file
+from zoo.hub import CheckpointError, replace_file, write_atomically
 
 __all__ = [
     'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'fitting_loss', 'compress', 'decompress',
@@ -381,18 +381,6 @@ def _model_args(model) -> Dict[str, object]:
     return args
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}-', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-        replace_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @torch.no_grad()
 def _encode_frames(model, frames: torch.Tensor, batch_size: int) -> torch.Tensor:
     """The embeddings of `frames` in eval mode, leaving the model's mode as it was."""
@@ -469,7 +457,7 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     }, separators=(',', ':')).encode()
     blob = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
     blob += struct.pack('<I', zlib.crc32(blob))
-    _write_atomic(path, blob)
+    write_atomically(path, lambda f: f.write(blob))
 
     result = {
         'path': str(path), 'model': name, 'frames': num_frames, 'frame_size': (height, width),

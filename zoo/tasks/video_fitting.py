@@ -12,8 +12,6 @@ MS-SSIM, bits per pixel and decode speed, with a side-by-side PNG of original an
 """
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zoo.hub import replace_file
+from zoo.hub import write_atomically
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
@@ -184,20 +182,8 @@ def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, colu
     picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long()
     rows = [torch.cat(list(frames[picks]), dim=-1) for frames in (original, decoded)]
     grid = torch.cat(rows, dim=-2).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    _write_atomically(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
+    write_atomically(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
     return path
-
-
-def _write_atomically(path: Path, write) -> None:
-    """`write(file)` into a temp file beside `path`, moved over it only once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}-', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        replace_file(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics: Dict[str, Any],
@@ -228,7 +214,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
         'bitstream_psnr': compressed['psnr'],
         'bitstream_ms_ssim': compressed['ms_ssim'],
     }
-    _write_atomically(output_dir / 'report.json', lambda f: f.write((json.dumps(summary, indent=2) + '\n').encode()))
+    write_atomically(output_dir / 'report.json', lambda f: f.write((json.dumps(summary, indent=2) + '\n').encode()))
     print(f'\n{recipe["model"]} fitted to {len(frames)} frames of {height}x{width} '
           f'({model.size_params() / 1e6:.3f}M params by the paper\'s size convention)')
     print(f'  reloaded with timm.create_model("local-dir:{folder}")')
