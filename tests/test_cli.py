@@ -41,6 +41,13 @@ def test_unknown_name_exits_2_with_a_suggestion(capsys):
     assert code == 2 and 'did you mean spartan_tiny' in err
 
 
+def test_names_take_the_zoo_prefix_as_timm_create_model_does(capsys):
+    code, out, _ = run(capsys, 'info', 'zoo/SpaRTAN_tiny.in1k', '--json')
+    assert code == 0 and json.loads(out)['weights'] == 'henry-pay/SpaRTAN-S'
+    code, _, err = run(capsys, 'card', 'zoo/spartan_tny')
+    assert code == 2 and 'spartan_tiny' in err
+
+
 def test_predict_prints_top_k_with_imagenet_labels(capsys, tmp_path):
     image = tmp_path / 'cat.png'
     Image.new('RGB', (300, 260), (200, 120, 40)).save(image)

@@ -15,8 +15,7 @@ _namespace.install()
 def create_model(model_name: str, pretrained: bool = False, **kwargs):
     """`timm.create_model` for zoo names (`spartan_tiny`, `zoo/spartan_tiny`, `spartan_tiny.in1k`)."""
     import timm
-    from zoo._namespace import strip_zoo_prefix
     from zoo.registry import check_model_name
 
-    check_model_name(strip_zoo_prefix(model_name) or model_name)
+    check_model_name(model_name)
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)

@@ -4,6 +4,8 @@ from typing import List
 
 import timm
 
+from zoo._namespace import strip_zoo_prefix
+
 
 class UnknownModelError(RuntimeError):
     """An unknown model name; the message suggests the closest registered names."""
@@ -21,7 +23,9 @@ def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
 
 
 def check_model_name(model_name: str) -> str:
-    """Return the architecture of `model_name` (`arch` or `arch.tag`), or raise with close suggestions."""
+    """Return the architecture of `model_name` (`arch`, `arch.tag`, or either behind `zoo/`), or raise with
+    close suggestions."""
+    model_name = strip_zoo_prefix(model_name) or model_name
     arch, tag = timm.models.split_model_name_tag(model_name)
     if not timm.is_model(arch):
         known = timm.list_models()
