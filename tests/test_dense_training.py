@@ -68,6 +68,33 @@ def test_crop_and_flip_move_image_and_target_together(tmp_path):
     assert not torch.equal(dataset[0][0], image), 'another epoch gives another crop'
 
 
+def test_a_hub_dataset_gives_the_samples_the_paired_folders_give(tmp_path):
+    """`data.dataset` (a Hub id or a local folder, read by `datasets.load_dataset`) yields the same tensors."""
+    import datasets as hf_datasets
+    import timm
+    from zoo.tasks import dense
+
+    folders = _write_pairs(tmp_path / 'data', 'masks', count=2)
+    parquet = tmp_path / 'parquet'
+    parquet.mkdir()
+    features = hf_datasets.Features({'image': hf_datasets.Image(), 'label': hf_datasets.Image()})
+    for split in ('train', 'validation'):
+        names = sorted(p.name for p in (folders / split / 'images').iterdir())
+        rows = {'image': [Image.open(folders / split / 'images' / n) for n in names],
+                'label': [Image.open(folders / split / 'masks' / n) for n in names]}
+        hf_datasets.Dataset.from_dict(rows, features=features).to_parquet(str(parquet / f'{split}.parquet'))
+    recipe = _recipe('segmentation', dataset=str(parquet), cache_dir=str(tmp_path / 'cache'))
+    model = timm.create_model(recipe['model'], **recipe['model_args'])
+    from_hub = dense.datasets(recipe, model)[:2]
+    from_folders = dense.datasets(recipe, model, data=str(folders))[:2]
+    for hub_split, folder_split in zip(from_hub, from_folders):
+        assert len(hub_split) == len(folder_split) == 2
+        for i in range(2):
+            (hub_image, hub_mask), (image, mask) = hub_split[i], folder_split[i]
+            assert torch.equal(hub_image, image) and torch.equal(hub_mask, mask)
+    assert from_hub[1][0][1].unique().tolist() == [0, 1, 2], 'class indices survive the round trip'
+
+
 def test_unpaired_and_missing_folders_are_named(tmp_path):
     data = _write_pairs(tmp_path / 'data', 'masks', count=2)
     (data / 'train' / 'masks' / '001.png').unlink()
