@@ -7,14 +7,14 @@ divided by the extra steps, so set-up, evaluation and saving cancel out. Sides a
 rounds; medians are reported.
 
 Memory: peak resident memory of one forward + backward pass, with and without `set_grad_checkpointing()`,
-each in a fresh process (ru_maxrss), minus the process's peak before the pass.
+each in a fresh process: the peak during the pass (VmHWM, reset just before it) minus the resident memory
+before it (VmRSS). Linux only.
 
     python benchmarks/train_overhead.py --model spartan_tiny --size 128 --batch 16
     python benchmarks/train_overhead.py --memory-only --memory-models unireplknet_b convit_base --size 224 --batch 8
 """
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +75,10 @@ def trainer_seconds(model_name: str, size: int, batch: int, steps: int) -> float
 def bare_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = zoo.create_model(model_name, num_classes=NUM_CLASSES).train()
+    model = zoo.create_model(model_name, num_classes=NUM_CLASSES)
+    if model.pretrained_cfg.get('fixed_input_size') and model.pretrained_cfg['input_size'][-1] != size:
+        model = zoo.create_model(model_name, num_classes=NUM_CLASSES, img_size=size)  # e.g. ConViT's position table
+    model.train()
     recipe = _recipe(model_name, size, batch, steps)
     dataset, _, _ = datasets(recipe, model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
@@ -102,15 +106,26 @@ def step_times(args) -> dict:
                 bare_step_s=bare_step, overhead=trainer_step / bare_step - 1, samples=times)
 
 
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in KiB: VmRSS (now) or VmHWM (peak)."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'no {field} in /proc/self/status')
+
+
 def _peak_memory_child(model_name: str, size: int, batch: int, checkpointing: bool) -> None:
-    model = zoo.create_model(model_name, num_classes=NUM_CLASSES).train()
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    fixed = cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != size
+    kwargs = {'img_size': size} if fixed else {}  # e.g. ConViT's position table is built for one size
+    model = zoo.create_model(model_name, num_classes=NUM_CLASSES, **kwargs).train()
     model.set_grad_checkpointing(checkpointing)
     images = torch.rand(batch, 3, size, size)
     labels = torch.randint(0, NUM_CLASSES, (batch,))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path('/proc/self/clear_refs').write_text('5')  # reset the peak (VmHWM) to the memory in use now
+    before = _status_kib('VmRSS')
     F.cross_entropy(model(images), labels).backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({'peak_mib': (after - before) / 1024}))
+    print(json.dumps({'peak_mib': (_status_kib('VmHWM') - before) / 1024}))
 
 
 def peak_memory(model_name: str, size: int, batch: int, checkpointing: bool) -> float:
@@ -131,7 +146,8 @@ def main() -> None:
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--memory-only', action='store_true')
-    parser.add_argument('--memory-models', nargs='*', default=['unireplknet_b', 'convit_base', 'halonet_h4'])
+    parser.add_argument('--memory-models', nargs='*', default=['unireplknet_b', 'convit_base', 'spartan_tiny'],
+                        help='models for the memory table; HaloNet needs --size a multiple of 256')
     parser.add_argument('--memory-child', help=argparse.SUPPRESS)
     parser.add_argument('--checkpointing', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
