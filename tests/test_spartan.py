@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.optim import create_optimizer_v2
 
 from zoo.convert import from_official
 from zoo.hub import CheckpointError, load_state_dict_strict
@@ -162,6 +163,18 @@ def test_forward_intermediates_and_pruning(small_model):
     model = timm.create_model('spartan_tiny').eval()
     assert model.prune_intermediate_layers(indices=[1]) == [1]
     assert len(model.stages) == 2 and model.num_classes == 0 and model.num_features == 64
+
+
+def test_timm_optimizer_exempts_the_smixer_gamma_from_weight_decay_as_the_official_one_does():
+    model = spartan.spartan_tiny()
+    optimizer = create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05)
+    exempt = {id(p) for group in optimizer.param_groups if group['weight_decay'] == 0 for p in group['params']}
+    exempt_names = {name for name, p in model.named_parameters() if id(p) in exempt}
+    smixer_gammas = {name for name in exempt_names if name.endswith('smixer.gamma')}
+    assert len(smixer_gammas) == sum(len(stage.blocks) for stage in model.stages)
+    assert model.get_parameter(next(iter(smixer_gammas))).ndim == 4
+    assert all(model.get_parameter(n).ndim == 1 for n in exempt_names - smixer_gammas)
+    assert 'stages.0.blocks.0.cmixer.complex' not in exempt_names
 
 
 def test_grad_checkpointing_gives_the_same_output_and_gradients():

@@ -17,7 +17,7 @@ The official flat `layers` Sequential becomes timm-style `stages.{i}.{downsample
 `checkpoint_filter_fn` maps official checkpoints onto it.
 """
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -249,6 +249,12 @@ class SpaRTAN(nn.Module):
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
             ],
         )
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        """The 4-D SMixer `gamma` scales, which the official optimizer exempts from weight decay by name (timm
+        exempts 1-D parameters and biases by itself)."""
+        return {name for name, _ in self.named_parameters() if name.endswith('smixer.gamma')}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
