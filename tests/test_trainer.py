@@ -232,3 +232,23 @@ def test_step_decay_and_warmup_prefix_reach_the_schedule(recipe_path, image_fold
     assert sorted(set(after_warmup)) == pytest.approx([1e-4, 1e-3], rel=1e-6)
     scheduler.step_update(6)
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([v / 2 for v in after_warmup], rel=1e-6)
+
+
+def test_epoch_schedule_holds_the_lr_through_each_epoch(recipe_path, image_folder, tmp_path, monkeypatch):
+    """`train.sched_on_epochs` steps the schedule once per epoch, as DeiT and ConViT do."""
+    lrs = []
+    real = trainer.build_optimizer
+
+    def spy(cfg, model, updates_per_epoch):
+        optimizer, scheduler, epochs = real(cfg, model, updates_per_epoch)
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]['lr']))
+        return optimizer, scheduler, epochs
+
+    monkeypatch.setattr(trainer, 'build_optimizer', spy)
+    recipe = trainer.load_recipe(recipe_path, [
+        'train.sched_on_epochs=true', 'train.epochs=3', 'train.warmup_epochs=1', 'train.warmup_lr=1e-5'])
+    trainer.train(recipe, tmp_path, data=str(image_folder), quiet=True)
+    epochs = [lrs[i:i + 3] for i in range(0, len(lrs), 3)]  # 24 images, batch 8: 3 steps per epoch
+    assert len(lrs) == 9 and all(len(set(lr)) == 1 for lr in epochs), lrs
+    assert epochs[0][0] == pytest.approx(1e-5)  # the warmup epoch runs at warmup_lr throughout
+    assert epochs[1][0] > epochs[2][0] > epochs[0][0]

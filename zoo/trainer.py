@@ -49,6 +49,7 @@ TRAIN_DEFAULTS = dict(
     warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, grad_accum=1, clip_grad=None, mixed_precision='no', seed=0,
     checkpoint_every=0, keep_checkpoints=2, log_every=10, log_with=None, num_workers=0, ema_decay=None,
     grad_checkpointing=False, lr_groups={}, warmup_prefix=False, decay_epochs=None, decay_rate=0.1,
+    sched_on_epochs=False,
 )
 
 
@@ -196,14 +197,15 @@ def _lr_groups(lr_groups: Dict[str, float], base_lr: float, weight_decay: float)
 
 
 def build_optimizer(cfg: Dict[str, Any], model: torch.nn.Module, updates_per_epoch: int):
-    """The recipe's timm optimizer and per-step timm schedule: (optimizer, scheduler, epochs incl. warmup)."""
+    """The recipe's timm optimizer and timm schedule, stepped per optimizer step, or per epoch with
+    `sched_on_epochs` (DeiT's way): (optimizer, scheduler, epochs incl. warmup)."""
     groups = {'param_group_fn': _lr_groups(cfg['lr_groups'], cfg['lr'], cfg['weight_decay'])} if cfg['lr_groups'] else {}
     optimizer = create_optimizer_v2(
         model, opt=cfg['opt'], lr=cfg['lr'], weight_decay=cfg['weight_decay'], **cfg['opt_args'], **groups)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=cfg['sched'], num_epochs=cfg['epochs'], warmup_epochs=cfg['warmup_epochs'],
         warmup_lr=cfg['warmup_lr'], warmup_prefix=cfg['warmup_prefix'], min_lr=cfg['min_lr'],
-        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=False,
+        decay_epochs=cfg['decay_epochs'], decay_rate=cfg['decay_rate'], step_on_epochs=cfg['sched_on_epochs'],
         updates_per_epoch=updates_per_epoch)
     return optimizer, scheduler, num_epochs
 
@@ -300,7 +302,7 @@ def train(
             if not accelerator.sync_gradients:
                 continue
             state.step += 1
-            scheduler.step_update(state.step)
+            scheduler.step_update(state.step)  # epoch-wise schedules ignore this, and per-step ones .step()
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=state.step)
             progress.update(1)
@@ -311,6 +313,7 @@ def train(
                     accelerator.log({'train/loss': loss_value, 'train/lr': optimizer.param_groups[0]['lr']}, step=state.step)
             if state.batch_in_epoch == len(train_loader):
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                scheduler.step(state.epoch)
             stopping = exit_after_steps is not None and state.step >= exit_after_steps
             if stopping or (cfg['checkpoint_every'] and state.step % cfg['checkpoint_every'] == 0):
                 _save_checkpoint(accelerator, output_dir, state.step, cfg['keep_checkpoints'])
@@ -321,6 +324,7 @@ def train(
                 return None
         if state.batch_in_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            scheduler.step(state.epoch)
     progress.close()
 
     final_model = accelerator.unwrap_model(model)
