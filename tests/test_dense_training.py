@@ -95,6 +95,39 @@ def test_a_hub_dataset_gives_the_samples_the_paired_folders_give(tmp_path):
     assert from_hub[1][0][1].unique().tolist() == [0, 1, 2], 'class indices survive the round trip'
 
 
+def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path):
+    """ADE20K's setting (mmseg's reduce_zero_label): label 0 is ignored, 1..K become the K classes 0..K-1."""
+    from types import SimpleNamespace
+
+    from zoo.tasks import dense
+
+    data = _write_pairs(tmp_path / 'data', 'masks', count=1)
+    pair = (data / 'validation' / 'images' / '000.png', data / 'validation' / 'masks' / '000.png')
+    raw = torch.from_numpy(np.asarray(Image.open(pair[1]), dtype=np.int64))
+    image, mask = PairedImages([pair], 'segmentation', mean=(0, 0, 0), std=(1, 1, 1), reduce_zero_label=True)[0]
+    assert torch.equal(mask, torch.where(raw == 0, 255, raw - 1))
+
+    class Predicts(torch.nn.Module):
+        num_classes = 2
+
+        def __init__(self, prediction):
+            super().__init__()
+            self.prediction = prediction
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(self.prediction, 2).permute(2, 0, 1)[None].float()
+
+    def mean_iou(prediction):
+        recipe = {'data': {'reduce_zero_label': True}}
+        metrics = dense._segmentation_evaluate(recipe, Predicts(prediction), [(image, mask)], SimpleNamespace(device='cpu'))
+        return metrics['mean_iou']
+
+    labelled = mask != 255
+    assert mean_iou(mask.masked_fill(~labelled, 1)) == 1.0, 'predictions on ignored pixels do not count'
+    share_of_class_0 = ((mask == 0).sum() / labelled.sum()).item()
+    assert mean_iou(torch.zeros_like(mask)) == pytest.approx(share_of_class_0 / 2), 'class 0 is scored, class 1 is 0'
+
+
 def test_unpaired_and_missing_folders_are_named(tmp_path):
     data = _write_pairs(tmp_path / 'data', 'masks', count=2)
     (data / 'train' / 'masks' / '001.png').unlink()

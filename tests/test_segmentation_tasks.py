@@ -9,13 +9,26 @@ from PIL import Image
 
 from zoo.tasks import save_prediction
 from zoo.tasks.segmentation import (
-    PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, save_mask_overlay, synapse_case_metrics,
+    IGNORE_INDEX, PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, save_mask_overlay, synapse_case_metrics,
 )
 
 # Uniform probabilities 0.5 on two pixels, one of each class: per class sum(p t) = 0.5, sum(p^2) = 0.5,
 # sum(t^2) = 1, so Dice = (1 + s) / (1.5 + s); CE (or BCE) = ln 2.
 HALF_DICE_LOSS = 1 - (1 + 1e-5) / (1.5 + 1e-5)
 UNIFORM_LOSS = 0.4 * math.log(2) + 0.6 * HALF_DICE_LOSS
+
+
+def test_pixels_labelled_255_count_in_neither_loss_term():
+    torch.manual_seed(0)
+    for num_classes in (1, 3):
+        logits = torch.randn(2, num_classes, 8, 8, requires_grad=True)
+        target = torch.randint(0, max(num_classes, 2), (2, 8, 8))
+        target[:, :4] = IGNORE_INDEX
+        loss = CeDiceLoss()(logits, target)
+        loss.backward()
+        assert logits.grad[:, :, :4].abs().max() == 0
+        labelled_half = CeDiceLoss()(logits.detach()[:, :, 4:], target[:, 4:])
+        assert loss.item() == pytest.approx(labelled_half.item(), rel=1e-6)
 
 
 def test_ce_dice_loss_multiclass_by_hand():

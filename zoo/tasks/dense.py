@@ -26,7 +26,7 @@ from PIL import Image
 from timm.data import resolve_model_data_config
 
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask, kitti_benchmark_crop
-from zoo.tasks.segmentation import CeDiceLoss, per_channel
+from zoo.tasks.segmentation import IGNORE_INDEX, CeDiceLoss, per_channel
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
@@ -67,11 +67,16 @@ class _HubPairs:
 
 
 class PairedImages(torch.utils.data.Dataset):
-    """(normalised image (3, H, W), target (1, H, W) float depth or (H, W) long mask) pairs, seeded augmentation."""
+    """(normalised image (3, H, W), target (1, H, W) float depth or (H, W) long mask) pairs, seeded augmentation.
+
+    `reduce_zero_label` (mmseg's, for ADE20K) ignores mask label 0 and moves labels 1..K to 0..K-1.
+    """
 
     def __init__(self, samples, kind: str, mean, std, in_chans: int = 3, depth_scale: float = 1.0, crop_size=None,
-                 hflip: float = 0.0, multiple: int = 1, kitti_crop: bool = False, seed: int = 0):
+                 hflip: float = 0.0, multiple: int = 1, kitti_crop: bool = False, seed: int = 0,
+                 reduce_zero_label: bool = False):
         self.samples, self.kind, self.depth_scale, self.in_chans = samples, kind, depth_scale, in_chans
+        self.reduce_zero_label = reduce_zero_label
         self.mean, self.std = (per_channel(v, in_chans).view(-1, 1, 1) for v in (mean, std))
         self.crop_size, self.hflip, self.multiple, self.seed = crop_size, hflip, multiple, seed
         self.kitti_crop = kitti_crop
@@ -95,6 +100,8 @@ class PairedImages(torch.utils.data.Dataset):
             y = torch.from_numpy(np.asarray(target, dtype=np.float32) / self.depth_scale)[None]
         else:
             y = torch.from_numpy(np.asarray(target, dtype=np.int64))
+            if self.reduce_zero_label:
+                y = torch.where((y == 0) | (y == IGNORE_INDEX), IGNORE_INDEX, y - 1)
         if x.shape[-2:] != y.shape[-2:]:
             raise ValueError(f'sample {index}: image {tuple(x.shape[-2:])} and target {tuple(y.shape[-2:])} differ in size')
         rng = np.random.default_rng([self.seed, self.epoch, index])
@@ -120,7 +127,8 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
     config = resolve_model_data_config(model)
     in_chans = getattr(model, 'in_chans', None) or config['input_size'][0]
     common = dict(kind=kind, mean=config['mean'], std=config['std'], in_chans=in_chans,
-                  depth_scale=spec.get('depth_scale', 1.0), seed=recipe['train']['seed'])
+                  depth_scale=spec.get('depth_scale', 1.0), seed=recipe['train']['seed'],
+                  reduce_zero_label=spec.get('reduce_zero_label', False))
     train_split, eval_split = spec.get('train_split', 'train'), spec.get('eval_split', 'validation')
     source = data or spec.get('data_dir')
     if source:
@@ -178,24 +186,28 @@ def _segmentation_loss(recipe, model):
 
 @torch.no_grad()
 def _segmentation_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
-    """Mean Dice and mean IoU over the foreground classes (1..K-1) present in the prediction or the truth."""
+    """Mean Dice and mean IoU over the classes present in the prediction or the truth, pixels labelled
+    `IGNORE_INDEX` left out: the foreground classes 1..K-1, or all K with `data.reduce_zero_label` (label 0 was
+    "other", now ignored, so no class is background)."""
     model = model.to(accelerator.device)
     num_classes = max(model.num_classes, 2)
+    first = 0 if recipe['data'].get('reduce_zero_label') else 1
     intersection, pred_area, true_area = (torch.zeros(num_classes) for _ in range(3))
     for index in range(len(eval_set)):
         image, mask = eval_set[index]
         logits = model(image[None].to(accelerator.device)).float().cpu()[0]
         pred = (logits[0] > 0).long() if logits.shape[0] == 1 else logits.argmax(0)
-        for k in range(1, num_classes):
+        pred = pred.masked_fill(mask == IGNORE_INDEX, -1)
+        for k in range(first, num_classes):
             p, t = pred == k, mask == k
             intersection[k] += (p & t).sum()
             pred_area[k] += p.sum()
             true_area[k] += t.sum()
-    present = (pred_area + true_area)[1:] > 0
+    present = (pred_area + true_area)[first:] > 0
     if not present.any():
-        raise ValueError('no foreground pixel in the evaluation masks or predictions')
-    dice = (2 * intersection / (pred_area + true_area).clamp(min=1))[1:][present]
-    iou = (intersection / (pred_area + true_area - intersection).clamp(min=1))[1:][present]
+        raise ValueError('no labelled pixel of the evaluated classes in the evaluation masks or predictions')
+    dice = (2 * intersection / (pred_area + true_area).clamp(min=1))[first:][present]
+    iou = (intersection / (pred_area + true_area - intersection).clamp(min=1))[first:][present]
     return {'mean_dice': dice.mean().item(), 'mean_iou': iou.mean().item()}
 
 

@@ -1,7 +1,8 @@
 """Semantic segmentation: the CE + Dice loss, Dice and HD95 metrics, and the mask overlay of `zoo predict`.
 
 Masks are integer class maps (background 0). Models give logits (B, K, H, W); K = 1 means a binary mask
-read through a sigmoid, K > 1 classes read through a softmax.
+read through a sigmoid, K > 1 classes read through a softmax. Mask value 255 (`IGNORE_INDEX`, mmseg's) marks
+pixels that neither the loss nor the metrics see.
 """
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -17,6 +18,8 @@ from zoo.hub import write_atomically
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
+IGNORE_INDEX = 255
+
 # Colours of classes 1, 2, ... (cycled); class 0 (background) is left uncoloured.
 PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -28,12 +31,15 @@ PALETTE = np.array([
 # Loss
 
 
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """1 - soft Dice per class, averaged over classes (background included), as the official `DiceLoss_`.
 
     Per class, sums run over the batch and the pixels: (2 sum(p t) + s) / (sum(p^2) + sum(t^2) + s).
-    `probs` and the one-hot `target` are (B, K, H, W).
+    `probs` and the one-hot `target` are (B, K, H, W); `valid` (B, H, W), if given, leaves the other pixels out.
     """
+    if valid is not None:
+        probs, target = probs * valid[:, None], target * valid[:, None]
     dims = (0, 2, 3)
     intersection = (probs * target).sum(dims)
     denominator = probs.square().sum(dims) + target.square().sum(dims)
@@ -46,7 +52,8 @@ class CeDiceLoss(nn.Module):
     Takes logits (B, K, H, W) and an integer mask (B, H, W); K = 1 uses binary cross-entropy and sigmoid
     probabilities. A list of logits (deep supervision, `MACMD.forward_train`) gives the sum of their losses,
     equal weights as in the official training loop. The official code feeds the model's sigmoid outputs to
-    this loss; the zoo feeds logits, so CE is a proper log-likelihood.
+    this loss; the zoo feeds logits, so CE is a proper log-likelihood. Pixels labelled `IGNORE_INDEX` count in
+    neither term.
     """
 
     def __init__(self, ce_weight: float = 0.4, dice_weight: float = 0.6, smooth: float = 1e-5):
@@ -63,16 +70,19 @@ class CeDiceLoss(nn.Module):
                 f'logits {tuple(logits.shape)} and mask {tuple(target.shape)} differ in size; upsample the '
                 'logits to the mask size first (MACMD outputs are at the input size)')
         num_classes = logits.shape[1]
+        ignored = target == IGNORE_INDEX
+        valid = (~ignored).to(logits.dtype) if ignored.any() else None
+        target = target.long().masked_fill(ignored, 0)  # any class will do: `valid` masks these pixels out
         if num_classes == 1:
-            one_hot = target.float().reshape(logits.shape)
-            ce = F.binary_cross_entropy_with_logits(logits, one_hot)
+            one_hot = target.to(logits.dtype).reshape(logits.shape)
+            ce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction='none')[:, 0]
             probs = logits.sigmoid()
         else:
-            target = target.long()
-            ce = F.cross_entropy(logits, target)
+            ce = F.cross_entropy(logits, target, reduction='none')
             one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(logits.dtype)
             probs = logits.softmax(dim=1)
-        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(probs, one_hot, self.smooth)
+        ce = ce.mean() if valid is None else (ce * valid).sum() / valid.sum().clamp(min=1)
+        return self.ce_weight * ce + self.dice_weight * soft_dice_loss(probs, one_hot, self.smooth, valid)
 
 
 # ---------------------------------------------------------------------------------------------------------------
