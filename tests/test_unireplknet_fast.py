@@ -76,3 +76,17 @@ def test_fast_path_gives_the_same_input_gradient():
         model(x)[:, 3].sum().backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_model_traces_the_plain_path(monkeypatch):
+    """Under torch.compile the blocks give inductor the plain graph, which it fuses better (docs/benchmarks.md)."""
+    calls = []
+    original = UniRepLKNetBlock.forward_fast
+    monkeypatch.setattr(UniRepLKNetBlock, 'forward_fast', lambda self, x: calls.append(1) or original(self, x))
+    torch.manual_seed(0)
+    fast, plain = fast_and_plain(UniRepLKNet(num_classes=7, **SMALL))
+    torch._dynamo.reset()
+    assert_same_logits(torch.compile(fast, backend='eager'), plain, torch.randn(2, 3, 32, 32))
+    assert not calls
+    fast(torch.randn(1, 3, 32, 32))
+    assert calls, 'eager inference still takes the fast path'
