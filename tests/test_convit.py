@@ -7,6 +7,7 @@ import torch
 from timm.models import convit as timm_convit
 
 import zoo
+from zoo import hub
 from zoo.convert import from_official
 from zoo.models import convit
 
@@ -138,3 +139,17 @@ def test_bad_input_errors(tiny):
         tiny(torch.zeros(1, 3, 192, 192))
     with pytest.raises(ValueError, match='fixed at 224x224'):
         tiny.forward_intermediates(torch.zeros(1, 3, 160, 224))
+
+
+def test_another_img_size_is_recorded_and_survives_the_hub_round_trip(tmp_path):
+    """A ConViT built for 128 px says so in its cfg, so data configs, the card and a reloaded folder agree."""
+    model = timm.create_model('convit_tiny', img_size=128).eval()
+    assert model.pretrained_cfg['input_size'] == (3, 128, 128)
+    assert timm.data.resolve_model_data_config(model)['input_size'] == (3, 128, 128)
+    hub.save_pretrained(model, tmp_path / 'convit_128')
+    reloaded = hub.load(tmp_path / 'convit_128')
+    assert tuple(reloaded.patch_embed.img_size) == (128, 128)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models import convit as timm_convit
 from timm.models._features import feature_take_indices
@@ -161,6 +162,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConVit) -> 
 def _create_convit(variant: str, pretrained: bool = False, **kwargs) -> ConVit:
     from zoo.hub import build_zoo_model
     out_indices = kwargs.pop('out_indices', 3)
+    if kwargs.get('img_size') is not None:
+        # The position table fixes the input size, so the cfg says which: data configs, cards and a saved
+        # config (which rebuilds the model at this size) read it there.
+        size = to_2tuple(kwargs['img_size'])
+        overlay = kwargs.pop('pretrained_cfg_overlay', None) or {}
+        kwargs['pretrained_cfg_overlay'] = {**overlay, 'input_size': (kwargs.get('in_chans', 3), *size)}
     return build_zoo_model(
         ConVit,
         variant,
