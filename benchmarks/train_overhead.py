@@ -56,10 +56,17 @@ def evaluate(recipe, model, eval_set, accelerator):
     return {}
 
 
+def _model_args(model_name: str, size: int) -> dict:
+    """Random-weight classifier arguments; models with a fixed input size (ConViT's position table) get `size`."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    fixed = cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != size
+    return dict(num_classes=NUM_CLASSES, **({'img_size': size} if fixed else {}))
+
+
 def _recipe(model_name: str, size: int, batch: int, steps: int):
     trainer.TASKS['synthetic'] = __name__
     return trainer.check_recipe(dict(
-        model=model_name, model_args=dict(num_classes=NUM_CLASSES), task='synthetic',
+        model=model_name, model_args=_model_args(model_name, size), task='synthetic',
         data=dict(size=size, samples=batch * steps),
         train=dict(epochs=1, batch_size=batch, opt='adamw', lr=1e-3, weight_decay=0.05, log_every=10**9)))
 
@@ -75,10 +82,7 @@ def trainer_seconds(model_name: str, size: int, batch: int, steps: int) -> float
 def bare_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = zoo.create_model(model_name, num_classes=NUM_CLASSES)
-    if model.pretrained_cfg.get('fixed_input_size') and model.pretrained_cfg['input_size'][-1] != size:
-        model = zoo.create_model(model_name, num_classes=NUM_CLASSES, img_size=size)  # e.g. ConViT's position table
-    model.train()
+    model = zoo.create_model(model_name, **_model_args(model_name, size)).train()
     recipe = _recipe(model_name, size, batch, steps)
     dataset, _, _ = datasets(recipe, model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
@@ -115,10 +119,7 @@ def _status_kib(field: str) -> int:
 
 
 def _peak_memory_child(model_name: str, size: int, batch: int, checkpointing: bool) -> None:
-    cfg = timm.models.get_pretrained_cfg(model_name)
-    fixed = cfg is not None and cfg.fixed_input_size and cfg.input_size[-1] != size
-    kwargs = {'img_size': size} if fixed else {}  # e.g. ConViT's position table is built for one size
-    model = zoo.create_model(model_name, num_classes=NUM_CLASSES, **kwargs).train()
+    model = zoo.create_model(model_name, **_model_args(model_name, size)).train()
     model.set_grad_checkpointing(checkpointing)
     images = torch.rand(batch, 3, size, size)
     labels = torch.randint(0, NUM_CLASSES, (batch,))
