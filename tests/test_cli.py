@@ -46,6 +46,8 @@ def test_names_take_the_zoo_prefix_as_timm_create_model_does(capsys):
     assert code == 0 and json.loads(out)['weights'] == 'henry-pay/SpaRTAN-S'
     code, _, err = run(capsys, 'card', 'zoo/spartan_tny')
     assert code == 2 and 'spartan_tiny' in err
+    code, _, err = run(capsys, 'reproduce', 'zoo/spartan_tiny.in1k')  # a zoo name, not a Hub repo to download
+    assert code == 2 and "no zoo-made weights to re-run: its weights (henry-pay/SpaRTAN-S)" in err
 
 
 def test_predict_prints_top_k_with_imagenet_labels(capsys, tmp_path):

@@ -29,6 +29,12 @@ def test_pixels_labelled_255_count_in_neither_loss_term():
         assert logits.grad[:, :, :4].abs().max() == 0
         labelled_half = CeDiceLoss()(logits.detach()[:, :, 4:], target[:, 4:])
         assert loss.item() == pytest.approx(labelled_half.item(), rel=1e-6)
+        with_channel = CeDiceLoss()(logits.detach(), target[:, None])  # (B, 1, H, W) masks are read alike
+        assert with_channel.item() == pytest.approx(loss.item(), rel=1e-6)
+    all_ignored = torch.randn(1, 3, 4, 4, requires_grad=True)
+    loss = CeDiceLoss()(all_ignored, torch.full((1, 4, 4), IGNORE_INDEX))
+    loss.backward()
+    assert torch.isfinite(loss) and all_ignored.grad.abs().max() == 0
 
 
 def test_ce_dice_loss_multiclass_by_hand():

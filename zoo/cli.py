@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
+from zoo._namespace import strip_zoo_prefix
 from zoo.registry import check_model_name
 
 
@@ -20,14 +21,15 @@ def _cmd_list(args) -> None:
 
 
 def _cmd_info(args) -> None:
-    check_model_name(args.name)
+    name = strip_zoo_prefix(args.name) or args.name
+    check_model_name(name)
     with torch.device('meta'):
-        model = timm.create_model(args.name)
+        model = timm.create_model(name)
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
     weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none published under this name'
     info = {
-        'name': args.name,
+        'name': name,
         'params_m': round(cards.count_params(model) / 1e6, 3),
         'gmacs': round(cards.count_gmacs(model, input_size), 3),
         'input_size': list(input_size),
@@ -153,8 +155,8 @@ def _cmd_reproduce(args) -> None:
 
     source = Path(args.source)
     if not source.is_dir():
-        name = args.source
-        if zoo.is_zoo_model(name.split('.')[0]):
+        name = strip_zoo_prefix(args.source) or args.source
+        if zoo.is_zoo_model(name):
             cfg = timm.models.get_pretrained_cfg(name) if '.' in name else None
             where = cfg and (cfg.hf_hub_id or cfg.url)
             raise ValueError(

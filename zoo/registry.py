@@ -12,8 +12,8 @@ class UnknownModelError(RuntimeError):
 
 
 def is_zoo_model(model_name: str) -> bool:
-    """True when `model_name` (`arch` or `arch.tag`) is registered by a zoo family module."""
-    arch = timm.models.split_model_name_tag(model_name)[0]
+    """True when `model_name` (`arch` or `arch.tag`, or either behind `zoo/`) is registered by a zoo family module."""
+    arch = timm.models.split_model_name_tag(strip_zoo_prefix(model_name) or model_name)[0]
     return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith(f'{__package__}.models.')
 
 

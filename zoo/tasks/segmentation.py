@@ -70,18 +70,19 @@ class CeDiceLoss(nn.Module):
                 f'logits {tuple(logits.shape)} and mask {tuple(target.shape)} differ in size; upsample the '
                 'logits to the mask size first (MACMD outputs are at the input size)')
         num_classes = logits.shape[1]
+        target = target.reshape(logits.shape[0], *logits.shape[2:])  # (B, H, W), also from (B, 1, H, W)
         ignored = target == IGNORE_INDEX
-        valid = (~ignored).to(logits.dtype) if ignored.any() else None
+        valid = (~ignored).to(logits.dtype)
         target = target.long().masked_fill(ignored, 0)  # any class will do: `valid` masks these pixels out
         if num_classes == 1:
-            one_hot = target.to(logits.dtype).reshape(logits.shape)
+            one_hot = target.to(logits.dtype)[:, None]
             ce = F.binary_cross_entropy_with_logits(logits, one_hot, reduction='none')[:, 0]
             probs = logits.sigmoid()
         else:
             ce = F.cross_entropy(logits, target, reduction='none')
             one_hot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(logits.dtype)
             probs = logits.softmax(dim=1)
-        ce = ce.mean() if valid is None else (ce * valid).sum() / valid.sum().clamp(min=1)
+        ce = (ce * valid).sum() / valid.sum().clamp(min=1)
         return self.ce_weight * ce + self.dice_weight * soft_dice_loss(probs, one_hot, self.smooth, valid)
 
 
