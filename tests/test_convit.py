@@ -153,3 +153,14 @@ def test_another_img_size_is_recorded_and_survives_the_hub_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x), model(x))
 
+
+def test_weights_for_224_px_load_into_a_model_for_another_size(tmp_path):
+    """The published weights are for 224 px; built with img_size=128, the position table is resampled."""
+    source = timm.create_model('convit_tiny')
+    path = tmp_path / 'convit_tiny_224.pth'
+    torch.save(source.state_dict(), path)
+    model = timm.create_model('convit_tiny', pretrained=True, img_size=128, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.pos_embed.shape == (1, 64, 192)
+    assert torch.equal(model.blocks[3].attn.qk.weight, source.blocks[3].attn.qk.weight)
+    assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
+

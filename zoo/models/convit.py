@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import to_2tuple
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models import convit as timm_convit
 from timm.models._features import feature_take_indices
@@ -148,7 +148,8 @@ def create_from_official(
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConVit) -> Dict[str, torch.Tensor]:
-    """Accept an official ConViT checkpoint (raw or under `model`) or a timm/zoo one: the key names agree."""
+    """Accept an official ConViT checkpoint (raw or under `model`) or a timm/zoo one: the key names agree. A
+    position table made for another image size is resampled (bicubic) to the model's patch grid."""
     if 'model' in state_dict and isinstance(state_dict['model'], dict):
         state_dict = state_dict['model']
     state_dict = {k.removeprefix('module.'): v for k, v in state_dict.items()}
@@ -156,6 +157,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConVit) -> 
         raise ValueError(
             'not a ConViT checkpoint: expected patch_embed.*, blocks.*.attn.{qk,v,pos_proj,gating_param}, norm.*, '
             f'head.*; its first keys are {list(state_dict)[:5]}')
+    grid = model.patch_embed.grid_size
+    pos_embed = state_dict.get('pos_embed')
+    if pos_embed is not None and pos_embed.shape[1] != grid[0] * grid[1]:
+        # weights for another image size (224 px for the published ones): resample the table to this grid
+        state_dict['pos_embed'] = resample_abs_pos_embed(pos_embed, new_size=list(grid), num_prefix_tokens=0)
     return state_dict
 
 
