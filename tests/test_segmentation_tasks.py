@@ -155,6 +155,8 @@ def test_overlay_blends_class_colours_over_the_image_by_hand():
     assert out[1, 2].tolist() == out[0, 1].tolist()
     with pytest.raises(ValueError, match='differ in size'):
         overlay_mask(image, mask[:, :3])
+    every_class = np.asarray(overlay_mask(image, mask, alpha=0.5, background=None))  # ADE20K: 0 is wall
+    assert every_class[0, 0].tolist() == out[0, 1].tolist() and every_class[0, 1].tolist() == out[0, 2].tolist()
 
 
 def test_save_mask_overlay_resizes_the_mask_back_to_the_image(tmp_path):
@@ -184,3 +186,18 @@ def test_zoo_predict_dispatches_segmentation_models_to_the_overlay(tmp_path):
     out = save_prediction(HalfAndHalf(), Image.open(image_path), image_path)
     assert out == tmp_path / 'scan.segmentation.png'
     assert Image.open(out).size == (8, 8)
+
+
+def test_xnet_segmentation_colours_class_0_which_is_wall_on_ade20k(tmp_path):
+    import zoo
+
+    model = zoo.create_model('timesnet_convnext_tiny_convnext_tiny', task='segmentation', num_classes=3,
+                             encoder='test_convnext', decoder='convnext_atto').eval()
+    assert model.background_class is None
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([5., 0., 0.]))  # class 0 everywhere
+    image = Image.new('RGB', (64, 32), (0, 0, 0))
+    out = np.asarray(Image.open(save_mask_overlay(model, image, tmp_path / 'ade.png')))
+    assert (out == np.rint(PALETTE[0] / 2)).all()
+

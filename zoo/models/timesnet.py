@@ -79,6 +79,8 @@ class TimesNet(nn.Module):
             `blocks`, strides 4-32), run in reverse.
         task: 'depth' (output (B, 1, H, W), metres in (0, max_depth)) or 'segmentation' (logits (B, K, H, W)).
         num_classes: output channels; 1 for depth, the class count for segmentation (default 150, ADE20K).
+        background_class: the segmentation class that `zoo predict` leaves uncoloured; None (the default) for
+            ADE20K's classes as mmseg numbers them (label 0 "other" ignored, so class 0 is wall).
         max_depth: depth range of the sigmoid output, in metres (10 for NYU, 80 for KITTI).
         pyramid_dim: width of the Post Feature Pyramid; default the decoder's stride-4 width.
         in_chans: image channels, passed to both encoder and decoder (timm adapts their first convs).
@@ -93,6 +95,7 @@ class TimesNet(nn.Module):
             decoder: str = 'convnext_tiny',
             task: str = 'depth',
             num_classes: Optional[int] = None,
+            background_class: Optional[int] = None,
             max_depth: float = 10.0,
             pyramid_dim: Optional[int] = None,
             in_chans: int = 3,
@@ -109,6 +112,7 @@ class TimesNet(nn.Module):
             raise ValueError(f'a depth model predicts one channel; got num_classes={num_classes}')
         self.task = task
         self.num_classes = num_classes
+        self.background_class = background_class
         self.max_depth = max_depth
         self.in_chans = in_chans
 

@@ -1,8 +1,8 @@
 """Semantic segmentation: the CE + Dice loss, Dice and HD95 metrics, and the mask overlay of `zoo predict`.
 
-Masks are integer class maps (background 0). Models give logits (B, K, H, W); K = 1 means a binary mask
-read through a sigmoid, K > 1 classes read through a softmax. Mask value 255 (`IGNORE_INDEX`, mmseg's) marks
-pixels that neither the loss nor the metrics see.
+Masks are integer class maps (background 0, unless a model's `background_class` says otherwise). Models give
+logits (B, K, H, W); K = 1 means a binary mask read through a sigmoid, K > 1 classes read through a softmax.
+Mask value 255 (`IGNORE_INDEX`, mmseg's) marks pixels that neither the loss nor the metrics see.
 """
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -186,23 +186,30 @@ def predict_mask(model: nn.Module, image: Image.Image) -> np.ndarray:
     return mask[0, 0].long().numpy()
 
 
-def overlay_mask(image: Image.Image, mask: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The image (as RGB) with each non-background pixel blended with its class colour."""
+def overlay_mask(
+        image: Image.Image, mask: np.ndarray, alpha: float = 0.5, background: Optional[int] = 0) -> Image.Image:
+    """The image (as RGB) with each pixel not of the `background` class blended with its class colour.
+
+    With background 0 (Synapse) class 1 takes the first colour; with `background=None` (ADE20K's classes
+    as mmseg numbers them, where 0 is wall) every class is coloured, class 0 with the first colour.
+    """
     rgb = np.asarray(image.convert('RGB'), dtype=np.float64)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f'mask {mask.shape} and image {rgb.shape[:2]} differ in size')
-    foreground = mask > 0
-    colours = PALETTE[(mask[foreground] - 1) % len(PALETTE)]
-    rgb[foreground] = (1 - alpha) * rgb[foreground] + alpha * colours
+    first = 0 if background is None else background + 1
+    coloured = np.ones(mask.shape, dtype=bool) if background is None else mask != background
+    colours = PALETTE[(mask[coloured] - first) % len(PALETTE)]
+    rgb[coloured] = (1 - alpha) * rgb[coloured] + alpha * colours
     return Image.fromarray(np.rint(rgb).astype(np.uint8))
 
 
 def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str, Path]) -> Path:
     """Predict a mask for `image` and write it blended over the image as a PNG at `out_path`.
 
-    The PNG is written beside `out_path` first and moved into place, so a failure never leaves half a file.
+    The model's `background_class` (0 unless it says otherwise) is left uncoloured. The PNG is written beside
+    `out_path` first and moved into place, so a failure never leaves half a file.
     """
     out_path = Path(out_path)
-    picture = overlay_mask(image, predict_mask(model, image))
+    picture = overlay_mask(image, predict_mask(model, image), background=getattr(model, 'background_class', 0))
     write_atomically(out_path, lambda f: picture.save(f, format='PNG'))
     return out_path
