@@ -103,9 +103,12 @@ def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path
 
     data = _write_pairs(tmp_path / 'data', 'masks', count=1)
     pair = (data / 'validation' / 'images' / '000.png', data / 'validation' / 'masks' / '000.png')
-    raw = torch.from_numpy(np.asarray(Image.open(pair[1]), dtype=np.int64))
+    raw = np.asarray(Image.open(pair[1])).copy()
+    raw[:4] = 255  # pixels the annotation already leaves out stay out
+    Image.fromarray(raw).save(pair[1])
+    raw = torch.from_numpy(raw.astype(np.int64))
     image, mask = PairedImages([pair], 'segmentation', mean=(0, 0, 0), std=(1, 1, 1), reduce_zero_label=True)[0]
-    assert torch.equal(mask, torch.where(raw == 0, 255, raw - 1))
+    assert torch.equal(mask, torch.where((raw == 0) | (raw == 255), 255, raw - 1))
 
     class Predicts(torch.nn.Module):
         num_classes = 2
@@ -117,8 +120,8 @@ def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path
         def forward(self, x):
             return torch.nn.functional.one_hot(self.prediction, 2).permute(2, 0, 1)[None].float()
 
-    def mean_iou(prediction):
-        recipe = {'data': {'reduce_zero_label': True}}
+    def mean_iou(prediction, mask=mask, reduce_zero_label=True):
+        recipe = {'data': {'reduce_zero_label': reduce_zero_label}}
         metrics = dense._segmentation_evaluate(recipe, Predicts(prediction), [(image, mask)], SimpleNamespace(device='cpu'))
         return metrics['mean_iou']
 
@@ -126,6 +129,10 @@ def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path
     assert mean_iou(mask.masked_fill(~labelled, 1)) == 1.0, 'predictions on ignored pixels do not count'
     share_of_class_0 = ((mask == 0).sum() / labelled.sum()).item()
     assert mean_iou(torch.zeros_like(mask)) == pytest.approx(share_of_class_0 / 2), 'class 0 is scored, class 1 is 0'
+    # Without reduce_zero_label, 0 is background (not scored) and 255 is still ignored.
+    background_mask = torch.where(raw == 255, 255, raw.clamp(max=1))
+    prediction = background_mask.masked_fill(background_mask == 255, 1)
+    assert mean_iou(prediction, background_mask, reduce_zero_label=False) == 1.0
 
 
 def test_unpaired_and_missing_folders_are_named(tmp_path):

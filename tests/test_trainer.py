@@ -234,8 +234,10 @@ def test_step_decay_and_warmup_prefix_reach_the_schedule(recipe_path, image_fold
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([v / 2 for v in after_warmup], rel=1e-6)
 
 
-def test_epoch_schedule_holds_the_lr_through_each_epoch(recipe_path, image_folder, tmp_path, monkeypatch):
-    """`train.sched_on_epochs` steps the schedule once per epoch, as DeiT and ConViT do."""
+def test_epoch_schedule_holds_the_lr_through_each_epoch_and_resumes_exactly(
+        recipe_path, image_folder, tmp_path, monkeypatch):
+    """`train.sched_on_epochs` steps the schedule once per epoch, as DeiT and ConViT do; a run stopped at an
+    epoch's end or in its middle resumes with the same lr at every step and ends with the same weights."""
     lrs = []
     real = trainer.build_optimizer
 
@@ -247,8 +249,16 @@ def test_epoch_schedule_holds_the_lr_through_each_epoch(recipe_path, image_folde
     monkeypatch.setattr(trainer, 'build_optimizer', spy)
     recipe = trainer.load_recipe(recipe_path, [
         'train.sched_on_epochs=true', 'train.epochs=3', 'train.warmup_epochs=1', 'train.warmup_lr=1e-5'])
-    trainer.train(recipe, tmp_path, data=str(image_folder), quiet=True)
-    epochs = [lrs[i:i + 3] for i in range(0, len(lrs), 3)]  # 24 images, batch 8: 3 steps per epoch
-    assert len(lrs) == 9 and all(len(set(lr)) == 1 for lr in epochs), lrs
+    trainer.train(recipe, tmp_path / 'whole', data=str(image_folder), quiet=True)
+    reference = list(lrs)
+    epochs = [reference[i:i + 3] for i in range(0, len(reference), 3)]  # 24 images, batch 8: 3 steps per epoch
+    assert len(reference) == 9 and all(len(set(lr)) == 1 for lr in epochs), reference
     assert epochs[0][0] == pytest.approx(1e-5)  # the warmup epoch runs at warmup_lr throughout
     assert epochs[1][0] > epochs[2][0] > epochs[0][0]
+    for stop in (3, 4):  # at the end of epoch 1, and in the middle of epoch 2
+        lrs.clear()
+        run = tmp_path / f'stopped_{stop}'
+        assert trainer.train(recipe, run, data=str(image_folder), quiet=True, exit_after_steps=stop) is None
+        trainer.train(recipe, run, data=str(image_folder), quiet=True, resume=True)
+        assert lrs == reference
+        assert _max_diff(_weights(tmp_path / 'whole'), _weights(run)) == 0

@@ -87,6 +87,7 @@ def test_compiled_model_traces_the_plain_path(monkeypatch):
     fast, plain = fast_and_plain(UniRepLKNet(num_classes=7, **SMALL))
     torch._dynamo.reset()
     assert_same_logits(torch.compile(fast, backend='eager'), plain, torch.randn(2, 3, 32, 32))
+    torch._dynamo.reset()
     assert not calls
     fast(torch.randn(1, 3, 32, 32))
     assert calls, 'eager inference still takes the fast path'
