@@ -3,8 +3,8 @@
 `training/train.py` is the command-line face of `train()`. A recipe (YAML, `training/recipes/`) names the model,
 the task, the data and the paper's hyperparameters; the task (`zoo.tasks.<task>`) supplies the data, the loss, the
 metrics and the final report, and this module supplies everything the tasks share: Accelerate (devices, mixed
-precision, gradient accumulation, DDP / FSDP / DeepSpeed), timm's optimizers and per-step schedulers, EMA,
-atomic checkpoints with exact resume, and the Hub folder at the end.
+precision, gradient accumulation, DDP / FSDP / DeepSpeed), timm's optimizers and schedulers (stepped every
+optimizer step or every epoch), EMA, atomic checkpoints with exact resume, and the Hub folder at the end.
 
 Batches are global: `batch_size` in a recipe is the batch of one optimizer step summed over processes, split
 evenly between them (Accelerate's `split_batches`), so a recipe means the same run at any world size.

@@ -17,7 +17,7 @@ deploy form (`deploy=True`, every BN, branch, GRN bias and layer scale folded aw
 (or `timm.utils.reparameterize_model`) turns the first into the second in place. At inference a deploy-form
 block runs `UniRepLKNetBlock.forward_fast`, the same function with fewer passes over memory (`fast=False` or
 `model.set_fast(False)` for the plain path). Under `torch.compile` the blocks take the plain path, which inductor
-fuses better (docs/benchmarks.md has the measurements).
+fused better on CPU (docs/benchmarks.md has the measurements).
 The official flat `downsample_layers` / `stages` lists become timm-style `stem` and `stages.{i}.{downsample,
 blocks}`; `checkpoint_filter_fn` maps official checkpoints (both forms) onto them.
 """
@@ -234,8 +234,8 @@ class UniRepLKNetBlock(nn.Module):
         return isinstance(self.mlp.norm, nn.Identity) and self.mlp.grn.bias is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Under torch.compile the plain graph is faster: inductor fuses GELU into the Linear and the GRN/SE
-        # arithmetic into one loop, which the per-image weights of `forward_fast` would prevent.
+        # Under torch.compile the plain graph was faster (measured on CPU): inductor fuses GELU into the Linear
+        # and the GRN/SE arithmetic into one loop, which the per-image weights of `forward_fast` would prevent.
         if self.fast and not self.training and self.deploy and not torch.compiler.is_compiling():
             return self.forward_fast(x)
         y = self.mlp(self.se(self.norm(self.conv_dw(x))))
