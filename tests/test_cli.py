@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import timm
+import zoo
 from zoo import cli
 from zoo.models import spartan
 
@@ -48,6 +49,18 @@ def test_names_take_the_zoo_prefix_as_timm_create_model_does(capsys):
     assert code == 2 and 'spartan_tiny' in err
     code, _, err = run(capsys, 'reproduce', 'zoo/spartan_tiny.in1k')  # a zoo name, not a Hub repo to download
     assert code == 2 and "no zoo-made weights to re-run: its weights (henry-pay/SpaRTAN-S)" in err
+    assert zoo.is_zoo_model('ZOO/SpaRTAN_tiny.in1k')
+
+
+def test_reproduce_downloads_a_repo_of_an_org_called_zoo_by_its_own_name(capsys, monkeypatch):
+    import huggingface_hub
+
+    def refuse(repo_id, **kwargs):
+        raise ValueError(f'asked for {repo_id}')
+
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', refuse)
+    code, _, err = run(capsys, 'reproduce', 'Zoo/My-Trained-Run')
+    assert code == 2 and 'asked for Zoo/My-Trained-Run' in err
 
 
 def test_predict_prints_top_k_with_imagenet_labels(capsys, tmp_path):

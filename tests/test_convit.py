@@ -163,4 +163,6 @@ def test_weights_for_224_px_load_into_a_model_for_another_size(tmp_path):
     assert model.pos_embed.shape == (1, 64, 192)
     assert torch.equal(model.blocks[3].attn.qk.weight, source.blocks[3].attn.qk.weight)
     assert torch.isfinite(model(torch.randn(1, 3, 128, 128))).all()
-
+    not_square = {**source.state_dict(), 'pos_embed': torch.zeros(1, 140, 192)}
+    with pytest.raises(ValueError, match='not a square grid'):
+        convit.checkpoint_filter_fn(not_square, model)

@@ -9,13 +9,25 @@ from PIL import Image
 
 from zoo.tasks import save_prediction
 from zoo.tasks.segmentation import (
-    IGNORE_INDEX, PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, save_mask_overlay, synapse_case_metrics,
+    IGNORE_INDEX, PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, save_mask_overlay, soft_dice_loss,
+    synapse_case_metrics,
 )
 
 # Uniform probabilities 0.5 on two pixels, one of each class: per class sum(p t) = 0.5, sum(p^2) = 0.5,
 # sum(t^2) = 1, so Dice = (1 + s) / (1.5 + s); CE (or BCE) = ln 2.
 HALF_DICE_LOSS = 1 - (1 + 1e-5) / (1.5 + 1e-5)
 UNIFORM_LOSS = 0.4 * math.log(2) + 0.6 * HALF_DICE_LOSS
+
+
+def test_without_ignored_pixels_the_loss_is_the_official_formula():
+    """0.4 mean CE + 0.6 soft Dice over the whole batch, as MACMD's `CeDiceLoss`, for a realistic batch."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(4, 9, 56, 56), torch.randint(0, 9, (4, 56, 56))
+    one_hot = torch.nn.functional.one_hot(target, 9).permute(0, 3, 1, 2).float()
+    expected = 0.4 * torch.nn.functional.cross_entropy(logits, target) + 0.6 * soft_dice_loss(logits.softmax(1), one_hot)
+    torch.testing.assert_close(CeDiceLoss()(logits, target), expected, rtol=1e-6, atol=0)
+    half = CeDiceLoss()(logits.half(), target)  # float16 logits over 12,544 x 4 pixels: no overflow in the count
+    assert torch.isfinite(half) and abs(half.item() - expected.item()) < 1e-2
 
 
 def test_pixels_labelled_255_count_in_neither_loss_term():
@@ -31,6 +43,8 @@ def test_pixels_labelled_255_count_in_neither_loss_term():
         assert loss.item() == pytest.approx(labelled_half.item(), rel=1e-6)
         with_channel = CeDiceLoss()(logits.detach(), target[:, None])  # (B, 1, H, W) masks are read alike
         assert with_channel.item() == pytest.approx(loss.item(), rel=1e-6)
+    with pytest.raises(ValueError, match='does not fit logits'):
+        CeDiceLoss()(torch.randn(2, 3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.long))
     all_ignored = torch.randn(1, 3, 4, 4, requires_grad=True)
     loss = CeDiceLoss()(all_ignored, torch.full((1, 4, 4), IGNORE_INDEX))
     loss.backward()
@@ -190,14 +204,18 @@ def test_zoo_predict_dispatches_segmentation_models_to_the_overlay(tmp_path):
 
 def test_xnet_segmentation_colours_class_0_which_is_wall_on_ade20k(tmp_path):
     import zoo
+    from zoo import hub
 
     model = zoo.create_model('timesnet_convnext_tiny_convnext_tiny', task='segmentation', num_classes=3,
                              encoder='test_convnext', decoder='convnext_atto').eval()
     assert model.background_class is None
+    hub.save_pretrained(zoo.create_model(
+        'timesnet_convnext_tiny_convnext_tiny', task='segmentation', num_classes=3, background_class=0,
+        encoder='test_convnext', decoder='convnext_atto'), tmp_path / 'with_background')
+    assert hub.load(tmp_path / 'with_background').background_class == 0
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([5., 0., 0.]))  # class 0 everywhere
     image = Image.new('RGB', (64, 32), (0, 0, 0))
     out = np.asarray(Image.open(save_mask_overlay(model, image, tmp_path / 'ade.png')))
     assert (out == np.rint(PALETTE[0] / 2)).all()
-

@@ -155,9 +155,10 @@ def _cmd_reproduce(args) -> None:
 
     source = Path(args.source)
     if not source.is_dir():
-        name = strip_zoo_prefix(args.source) or args.source
-        if zoo.is_zoo_model(name):
-            cfg = timm.models.get_pretrained_cfg(name) if '.' in name else None
+        name = args.source
+        zoo_name = strip_zoo_prefix(name) or name
+        if zoo.is_zoo_model(zoo_name):
+            cfg = timm.models.get_pretrained_cfg(zoo_name) if '.' in zoo_name else None
             where = cfg and (cfg.hf_hub_id or cfg.url)
             raise ValueError(
                 f'{name} has no zoo-made weights to re-run: ' + (f'its weights ({where}) are the authors\' own. '

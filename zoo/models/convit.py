@@ -12,6 +12,7 @@ which have no released weights.
 Layout (paper Sec. 3): patch embedding plus a learned absolute position embedding (patch tokens only),
 10 GPSA blocks, the class token concatenated, 2 plain self-attention blocks, final LayerNorm, class-token head.
 """
+import math
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -157,11 +158,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConVit) -> 
         raise ValueError(
             'not a ConViT checkpoint: expected patch_embed.*, blocks.*.attn.{qk,v,pos_proj,gating_param}, norm.*, '
             f'head.*; its first keys are {list(state_dict)[:5]}')
-    grid = model.patch_embed.grid_size
     pos_embed = state_dict.get('pos_embed')
-    if pos_embed is not None and pos_embed.shape[1] != grid[0] * grid[1]:
+    if pos_embed is not None and model.use_pos_embed and pos_embed.shape != model.pos_embed.shape:
         # weights for another image size (224 px for the published ones): resample the table to this grid
-        state_dict['pos_embed'] = resample_abs_pos_embed(pos_embed, new_size=list(grid), num_prefix_tokens=0)
+        side = math.isqrt(pos_embed.shape[1])
+        if side * side != pos_embed.shape[1]:
+            raise ValueError(
+                f'the checkpoint position table has {pos_embed.shape[1]} patches, not a square grid, so its image '
+                'size is unknown; build the model with the img_size it was trained at')
+        grid = list(model.patch_embed.grid_size)
+        state_dict['pos_embed'] = resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=0)
     return state_dict
 
 

@@ -70,9 +70,13 @@ class CeDiceLoss(nn.Module):
                 f'logits {tuple(logits.shape)} and mask {tuple(target.shape)} differ in size; upsample the '
                 'logits to the mask size first (MACMD outputs are at the input size)')
         num_classes = logits.shape[1]
-        target = target.reshape(logits.shape[0], *logits.shape[2:])  # (B, H, W), also from (B, 1, H, W)
+        if target.dim() == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        if target.shape != (logits.shape[0], *logits.shape[2:]):
+            raise ValueError(f'mask {tuple(target.shape)} does not fit logits {tuple(logits.shape)}: give class '
+                             'indices (B, H, W) or (B, 1, H, W) for a batch of B images')
         ignored = target == IGNORE_INDEX
-        valid = (~ignored).to(logits.dtype)
+        valid = (~ignored).float()  # float32 sums: a float16 count overflows past 65,504 pixels
         target = target.long().masked_fill(ignored, 0)  # any class will do: `valid` masks these pixels out
         if num_classes == 1:
             one_hot = target.to(logits.dtype)[:, None]
