@@ -19,6 +19,11 @@ def strip_zoo_prefix(model_name: str) -> Optional[str]:
     return model_name[len(PREFIX):].lower()
 
 
+def registry_name(model_name: str) -> str:
+    """The name timm's registry knows: `zoo/sparTAN_tiny` -> `spartan_tiny`; names outside `zoo/` unchanged."""
+    return strip_zoo_prefix(model_name) or model_name
+
+
 def _wrap(parse: Callable[[str], Tuple[Optional[str], str]]) -> Callable[[str], Tuple[Optional[str], str]]:
     def parse_model_name(model_name: str) -> Tuple[Optional[str], str]:
         name = strip_zoo_prefix(model_name)

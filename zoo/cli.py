@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
-from zoo._namespace import strip_zoo_prefix
+from zoo._namespace import registry_name
 from zoo.registry import check_model_name
 
 
@@ -21,7 +21,7 @@ def _cmd_list(args) -> None:
 
 
 def _cmd_info(args) -> None:
-    name = strip_zoo_prefix(args.name) or args.name
+    name = registry_name(args.name)
     check_model_name(name)
     with torch.device('meta'):
         model = timm.create_model(name)
@@ -156,7 +156,7 @@ def _cmd_reproduce(args) -> None:
     source = Path(args.source)
     if not source.is_dir():
         name = args.source
-        zoo_name = strip_zoo_prefix(name) or name
+        zoo_name = registry_name(name)
         if zoo.is_zoo_model(zoo_name):
             cfg = timm.models.get_pretrained_cfg(zoo_name) if '.' in zoo_name else None
             where = cfg and (cfg.hf_hub_id or cfg.url)

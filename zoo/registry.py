@@ -4,7 +4,7 @@ from typing import List
 
 import timm
 
-from zoo._namespace import strip_zoo_prefix
+from zoo._namespace import registry_name
 
 
 class UnknownModelError(RuntimeError):
@@ -13,7 +13,7 @@ class UnknownModelError(RuntimeError):
 
 def is_zoo_model(model_name: str) -> bool:
     """True when `model_name` (`arch` or `arch.tag`, or either behind `zoo/`) is registered by a zoo family module."""
-    arch = timm.models.split_model_name_tag(strip_zoo_prefix(model_name) or model_name)[0]
+    arch = timm.models.split_model_name_tag(registry_name(model_name))[0]
     return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith(f'{__package__}.models.')
 
 
@@ -25,7 +25,7 @@ def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
 def check_model_name(model_name: str) -> str:
     """Return the architecture of `model_name` (`arch`, `arch.tag`, or either behind `zoo/`), or raise with
     close suggestions."""
-    model_name = strip_zoo_prefix(model_name) or model_name
+    model_name = registry_name(model_name)
     arch, tag = timm.models.split_model_name_tag(model_name)
     if not timm.is_model(arch):
         known = timm.list_models()

@@ -20,7 +20,7 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 
 IGNORE_INDEX = 255
 
-# Colours of classes 1, 2, ... (cycled); class 0 (background) is left uncoloured.
+# Class colours in order, cycled: class 1 takes the first when 0 is background (left uncoloured), else class 0.
 PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
     (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40),
