@@ -8,6 +8,7 @@ from PIL import Image
 import timm
 import zoo
 from zoo import cli
+from zoo.errors import UnknownModelError
 from zoo.models import spartan
 
 from official_layout import load_manifest, to_official_layout
@@ -37,16 +38,16 @@ def test_info_reports_params_gmacs_paper_license_weights(capsys):
     assert info['weights'] == 'henry-pay/SpaRTAN-S'
 
 
-def test_unknown_name_exits_2_with_a_suggestion(capsys):
+def test_unknown_name_exits_3_with_a_suggestion(capsys):
     code, _, err = run(capsys, 'info', 'spartan_tny')
-    assert code == 2 and 'did you mean spartan_tiny' in err
+    assert code == UnknownModelError.exit_code == 3 and 'did you mean spartan_tiny' in err
 
 
 def test_names_take_the_zoo_prefix_as_timm_create_model_does(capsys):
     code, out, _ = run(capsys, 'info', 'zoo/SpaRTAN_tiny.in1k', '--json')
     assert code == 0 and json.loads(out)['weights'] == 'henry-pay/SpaRTAN-S'
     code, _, err = run(capsys, 'card', 'zoo/spartan_tny')
-    assert code == 2 and 'spartan_tiny' in err
+    assert code == 3 and 'spartan_tiny' in err
     code, _, err = run(capsys, 'reproduce', 'zoo/spartan_tiny.in1k')  # a zoo name, not a Hub repo to download
     assert code == 2 and "no zoo-made weights to re-run: its weights (henry-pay/SpaRTAN-S)" in err
     assert zoo.is_zoo_model('ZOO/SpaRTAN_tiny.in1k')
@@ -132,4 +133,4 @@ def test_bench_refuses_a_bad_dtype_and_an_unknown_model(capsys):
     with pytest.raises(SystemExit):
         cli.main(['bench', 'unireplknet_a', '--dtype', 'int8'])
     code, _, err = run(capsys, 'bench', 'unireplknet_q')
-    assert code == 2 and 'did you mean unireplknet_t' in err
+    assert code == 3 and 'did you mean unireplknet_t' in err

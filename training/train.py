@@ -8,6 +8,7 @@
 The loop, the tasks and the checkpointing live in `zoo.trainer`; this file is only the command line.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def main(argv=None) -> int:
         output_dir = args.output_dir or Path('runs') / args.recipe.stem
         trainer.train(recipe, output_dir, data=args.data, resume=args.resume,
                       exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub)
-    except (trainer.RecipeError, zoo.UnknownModelError, FileNotFoundError, ValueError) as e:
+    except (zoo.ZooError, FileNotFoundError, ValueError) as e:
+        if os.environ.get('ZOO_DEBUG') == '1':
+            raise
         print(f'train.py: {e}', file=sys.stderr)
-        return 2
+        return getattr(e, 'exit_code', 2)
     return 0
 
 

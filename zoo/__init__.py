@@ -4,10 +4,11 @@
 """
 from zoo import _namespace
 from zoo import models
+from zoo.errors import ZooError
 from zoo.registry import UnknownModelError, is_zoo_model, list_models
 
 __version__ = '0.1.0'
-__all__ = ['UnknownModelError', 'create_model', 'is_zoo_model', 'list_models', 'models']
+__all__ = ['UnknownModelError', 'ZooError', 'create_model', 'is_zoo_model', 'list_models', 'models']
 
 _namespace.install()
 

@@ -1,6 +1,7 @@
 """The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench."""
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +13,7 @@ from tqdm import tqdm
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
+from zoo.errors import ZooError
 from zoo.registry import check_model_name
 
 
@@ -272,9 +274,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (zoo.UnknownModelError, hub.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ZooError, FileNotFoundError, ValueError) as e:
+        if os.environ.get('ZOO_DEBUG') == '1':
+            raise
         print(f'zoo {args.command}: {e}', file=sys.stderr)
-        return 2
+        return getattr(e, 'exit_code', 2)
     return 0
 
 

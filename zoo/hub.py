@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_hf
 from timm.models._hub import download_cached_file, hf_split
 
+from zoo.errors import CheckpointError
 from zoo.registry import check_model_name
 
 _logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ OFFICIAL_SOURCE = 'official'
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar', '.ckpt')
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
 TRAINING_NAME, RECIPE_NAME = 'training.json', 'training_recipe.yaml'
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: corrupt, of another architecture, or failing its checksum."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

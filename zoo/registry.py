@@ -5,10 +5,7 @@ from typing import List
 import timm
 
 from zoo._namespace import registry_name
-
-
-class UnknownModelError(RuntimeError):
-    """An unknown model name; the message suggests the closest registered names."""
+from zoo.errors import UnknownModelError
 
 
 def is_zoo_model(model_name: str) -> bool:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import zoo
 from zoo import hub
+from zoo.errors import RecipeError
 from zoo.hub import RECIPE_NAME
 
 CHECKPOINT_PREFIX = 'step_'
@@ -51,10 +52,6 @@ TRAIN_DEFAULTS = dict(
     grad_checkpointing=False, lr_groups={}, warmup_prefix=False, decay_epochs=None, decay_rate=0.1,
     sched_on_epochs=False,
 )
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be run as written."""
 
 
 # Recipes

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo.hub import CheckpointError, replace_file, write_atomically
+from zoo.errors import BitstreamError
+from zoo.hub import replace_file, write_atomically
 
 __all__ = [
     'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'fitting_loss', 'compress', 'decompress',
@@ -293,10 +294,6 @@ _PREFIX = struct.Struct('<4sHI')
 _RECORD = struct.Struct('<ffB')
 _TABLE = struct.Struct('<I')
 RAW, CATEGORICAL = 0, 1
-
-
-class BitstreamError(CheckpointError):
-    """A bitstream that cannot be decoded: truncated, corrupt, of another format, or for another model."""
 
 
 def _prune(state: Dict[str, torch.Tensor], amount: float) -> Dict[str, torch.Tensor]:
