@@ -355,6 +355,6 @@ def test_cli_compress_then_decode(tmp_path, capsys):
     # a failed decode writes nothing over the good video
     before = out.read_bytes()
     bitstream.write_bytes(bitstream.read_bytes()[:-3])
-    assert cli.main(['decode', str(bitstream), str(out)]) == 2
+    assert cli.main(['decode', str(bitstream), str(out)]) == video.BitstreamError.exit_code
     assert 'truncated' in capsys.readouterr().err
     assert out.read_bytes() == before
