@@ -188,8 +188,8 @@ def _cmd_bench(args) -> None:
     print(json.dumps(result.as_dict(), indent=2) if args.json else result)
 
 
-_VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', 'benchmark', 'crop', 'min_depth', 'max_depth', 'depth_scale',
-                     'upsample', 'prune', 'bits')
+_DEPTH_OPTIONS = ('benchmark', 'crop', 'min_depth', 'max_depth', 'depth_scale', 'upsample')
+_VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', *_DEPTH_OPTIONS, 'prune', 'bits')
 
 
 def _cmd_validate(args) -> None:
@@ -198,9 +198,11 @@ def _cmd_validate(args) -> None:
     given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
     command = shlex.join(['zoo', 'validate', args.model, *(
         part for k, v in given.items() for part in (f'--{k.replace("_", "-")}', str(v)))])
-    depth = {k: given[k] for k in ('benchmark', 'crop', 'min_depth', 'max_depth', 'depth_scale', 'upsample') if k in given}
+    depth = {k: given[k] for k in _DEPTH_OPTIONS if k in given}
     video = {k: given[k] for k in ('prune', 'bits') if k in given}
     model, weights_sha256 = validate.load_model(args.model)
+    if args.update_card:  # before the run, not after it
+        validate.check_card_folder(args.update_card, weights_sha256)
     result = validate.validate(
         model, args.data, split=args.split, batch_size=args.batch, limit=args.limit,
         device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), num_workers=args.workers,
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='model name.tag (pretrained weights), a Hub folder, local-dir:DIR or hf-hub:ID')
     p.add_argument('--data', required=True, help='a local folder (the training layout) or video, or a Hub dataset id')
     p.add_argument('--split', default='validation', help='the split folder or Hub split (default validation)')
-    p.add_argument('--batch', type=int, default=16, help='images (or frames) per batch (default 16)')
+    p.add_argument('--batch', type=int, help='images (or frames) per batch (default 16; depth 8, iDisc\'s test batch)')
     p.add_argument('--limit', type=int, help='evaluate the first N samples (frames, for video) only')
     p.add_argument('--results-file', type=Path, help='append the result to a .csv or .json file')
     p.add_argument('--update-card', type=Path, metavar='FOLDER',

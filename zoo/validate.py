@@ -43,11 +43,14 @@ from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
 from zoo.tasks.video import compress, decode_video, ms_ssim, psnr
 
-__all__ = ['validate', 'depth_protocol', 'load_model', 'model_task', 'update_card', 'write_results']
+__all__ = [
+    'validate', 'check_card_folder', 'depth_protocol', 'load_model', 'model_task', 'update_card', 'write_results']
 
 # The ground truth's unit per benchmark (16-bit PNGs: millimetres for NYU, metres x 256 for KITTI).
 DEPTH_SCALES = {'nyu': 1000., 'kitti': 256.}
 UPSAMPLE_MODES = ('bilinear_align_corners', 'bilinear', 'nearest')
+# Batch size when none is given (16 otherwise): depth's averaging depends on it, and 8 is iDisc's test batch.
+DEFAULT_BATCH = dict(depth=8)
 # The keys of a config.json `results` entry (the format agreed with the card renderer).
 RESULT_KEYS = ('task', 'dataset', 'split', 'metrics', 'protocol', 'weights_sha256', 'date', 'command')
 
@@ -109,7 +112,12 @@ def _eval_set(task: str, model: nn.Module, data: str, split: str, limit: Optiona
         recipe = dict(task=task, data=dict(path=data, max_frames=limit),
                       model_args=dict(frame_size=list(model.frame_size)))
     else:
-        source = dict(data_dir=data) if Path(data).expanduser().exists() else dict(dataset=data)
+        if Path(data).expanduser().exists():
+            source = dict(data_dir=data)
+        elif data.startswith(('/', '.', '~')):  # a path, not a Hub id (`org/name`)
+            raise FileNotFoundError(f'no data at {data}: give a folder laid out as for training, or a Hub dataset id')
+        else:
+            source = dict(dataset=data)
         recipe = dict(model=model.pretrained_cfg.get('architecture'), task=task, model_args={},
                       data=dict(source, train_split=split, eval_split=split, **data_spec), train=dict(seed=0))
     _, eval_set, _ = trainer.task_module(recipe).datasets(recipe, model)
@@ -132,14 +140,13 @@ def _progress(loader, task: str, quiet: bool):
 
 @torch.no_grad()
 def _classification(model, eval_set, device, batch_size, num_workers, quiet) -> Dict[str, Any]:
-    correct1 = correct5 = 0.
-    total = 0
+    correct1 = correct5 = total = 0
     for images, labels in _progress(_loader(eval_set, batch_size, num_workers), 'classification', quiet):
         logits = model(images.to(device)).float()
         labels = labels.to(device)
-        top1, top5 = accuracy(logits, labels, topk=(1, 5))
-        correct1 += top1.item() * len(labels) / 100
-        correct5 += top5.item() * len(labels) / 100
+        top1, top5 = accuracy(logits, labels, topk=(1, 5))  # percentages of the batch: back to exact counts
+        correct1 += round(top1.item() * len(labels) / 100)
+        correct5 += round(top5.item() * len(labels) / 100)
         total += len(labels)
     return dict(metrics=dict(top1=100 * correct1 / total, top5=100 * correct5 / total), samples=total)
 
@@ -232,20 +239,23 @@ def _video(model, eval_set, device, batch_size, quiet, prune: float, bits: int,
 # One run
 
 
-def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation', batch_size: int = 16,
+def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation', batch_size: Optional[int] = None,
              limit: Optional[int] = None, device: Union[str, torch.device] = 'cpu', num_workers: int = 0,
              depth: Optional[Dict[str, Any]] = None, prune: float = 0.1, bits: int = 8,
              bitstream: Optional[Union[str, Path]] = None, weights_sha256: Optional[str] = None,
              source: Optional[str] = None, command: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
     """Evaluate `model` on the `split` of `data` by its task's protocol; returns the result (a dict).
 
+    `batch_size` defaults to `DEFAULT_BATCH` of the task (depth: 8, as iDisc's test runs, which matters because
+    iDisc averages pixel metrics over each batch).
     `depth` overrides the depth protocol (`depth_protocol` keyword arguments); `prune`, `bits` and `bitstream`
     (a path to keep the bitstream at) are the video compression's. `weights_sha256`, `source` (how the model
     was named) and `command` are recorded as given.
     """
+    task = model_task(model)
+    batch_size = DEFAULT_BATCH.get(task, 16) if batch_size is None else batch_size
     if batch_size < 1 or (limit is not None and limit < 1):
         raise InputError(f'batch and limit must be at least 1; got batch {batch_size}, limit {limit}')
-    task = model_task(model)
     data = str(data)
     model = model.to(device).eval()
     protocol: Dict[str, Any] = dict(split=split, limit=limit)
@@ -271,7 +281,8 @@ def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation'
         raise InputError(f'zoo validate has no protocol for task {task!r}')
     cfg = model.pretrained_cfg
     return dict(
-        model=cfg.get('architecture') or type(model).__name__, tag=cfg.get('tag'), source=source or cfg.get('architecture'),
+        model=cfg.get('architecture') or type(model).__name__, tag=cfg.get('tag'),
+        source=source or cfg.get('architecture'),
         weights_sha256=weights_sha256, task=task, dataset=data, split=split,
         protocol=json.loads(json.dumps(protocol, default=list)), metrics=scored.pop('metrics'),
         samples=scored.pop('samples'), **scored,
@@ -344,20 +355,26 @@ def _render_card(folder: Path, config: Dict[str, Any]) -> str:
     return card + '\n' + _results_section(config['results'])
 
 
+def check_card_folder(folder: Union[str, Path], weights_sha256: Optional[str]) -> None:
+    """Refuse a card update unless `folder` is a Hub folder whose model.safetensors has `weights_sha256`."""
+    folder = Path(folder)
+    for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f'{folder} is not a zoo Hub folder: {name} is missing')
+    actual = hub.sha256_file(folder / hub.WEIGHTS_NAME)
+    if weights_sha256 != actual:
+        raise InputError(f'the result is of weights with sha256 {weights_sha256}, but {folder / hub.WEIGHTS_NAME} '
+                         f'has sha256 {actual}: a card records only what was measured on its own weights')
+
+
 def update_card(folder: Union[str, Path], result: Dict[str, Any]) -> Path:
     """Append `result` to the Hub folder's config.json `results` and re-render its README.md.
 
     Refused unless the result was measured on this folder's weights (same sha256 of model.safetensors).
     """
     folder = Path(folder)
-    config_path, weights_path = folder / hub.CONFIG_NAME, folder / hub.WEIGHTS_NAME
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            raise FileNotFoundError(f'{folder} is not a zoo Hub folder: {p.name} is missing')
-    actual = hub.sha256_file(weights_path)
-    if result.get('weights_sha256') != actual:
-        raise InputError(f'the result was measured on weights with sha256 {result.get("weights_sha256")}, but '
-                         f'{weights_path} has sha256 {actual}: validate that folder to update its card')
+    check_card_folder(folder, result.get('weights_sha256'))
+    config_path = folder / hub.CONFIG_NAME
     config = json.loads(config_path.read_text())
     config.setdefault('results', []).append({k: result.get(k) for k in RESULT_KEYS})
     card = _render_card(folder, config)
