@@ -142,17 +142,21 @@ def _idisc_expected(preds, gts, masks, batch):
     return {k: v / count for k, v in totals.items()}
 
 
+def _save_pair(root, kind: str, name: str, image: np.ndarray, target: np.ndarray) -> None:
+    """root/validation/images/NAME.png and root/validation/KIND/NAME.png, the layout training reads."""
+    for folder, array in (('images', image), (kind, target)):
+        (root / 'validation' / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / 'validation' / folder / f'{name}.png')
+
+
 def test_depth_follows_the_idisc_protocol(tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(0)
     h, w = 64, 96
     reds, gts = [], []
     for i in range(4):
-        for kind in ('images', 'depth'):
-            (tmp_path / 'data' / 'validation' / kind).mkdir(parents=True, exist_ok=True)
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         depth_mm = rng.integers(0, 12000, (h, w)).astype(np.uint16)  # 0 (no return) to 12 m: some beyond 10 m
-        Image.fromarray(image).save(tmp_path / 'data' / 'validation' / 'images' / f'{i}.png')
-        Image.fromarray(depth_mm).save(tmp_path / 'data' / 'validation' / 'depth' / f'{i}.png')
+        _save_pair(tmp_path / 'data', 'depth', str(i), image, depth_mm)
         reds.append(image[..., 0] / 255.)
         gts.append(depth_mm / 1000.)
     assert Image.open(tmp_path / 'data' / 'validation' / 'depth' / '0.png').mode.startswith('I')
@@ -212,16 +216,13 @@ def test_segmentation_miou_dice_and_hd95(tmp_path, capsys, monkeypatch):
     h, w = 64, 96
     preds, truths = [], []
     for i in range(2):
-        for kind in ('images', 'masks'):
-            (tmp_path / 'data' / 'validation' / kind).mkdir(parents=True, exist_ok=True)
         blocks = rng.integers(0, 3, (h // 16, w // 16))
         pred = np.kron(blocks, np.ones((16, 16), dtype=np.int64))
         red = (pred * 100 + 20).astype(np.uint8)  # class k is red level 100 k + 20
         image = np.stack([red, red, red], -1)
         truth = np.roll(pred, (3, 5), axis=(0, 1)).astype(np.uint8)
         truth[:4, :4] = 255  # ignored
-        Image.fromarray(image).save(tmp_path / 'data' / 'validation' / 'images' / f'{i}.png')
-        Image.fromarray(truth).save(tmp_path / 'data' / 'validation' / 'masks' / f'{i}.png')
+        _save_pair(tmp_path / 'data', 'masks', str(i), image, truth)
         preds.append(pred)
         truths.append(truth.astype(np.int64))
     folder = hub.save_pretrained(zoo.create_model(
@@ -250,6 +251,7 @@ def test_segmentation_miou_dice_and_hd95(tmp_path, capsys, monkeypatch):
     assert result['metrics'] == pytest.approx(
         dict(miou=np.mean(iou), mean_dice=np.mean(dice), hd95=np.mean(distances)), rel=1e-6)
     assert result['protocol']['classes'] == [1, 2] and result['protocol']['hd95_cases'] == len(distances)
+    assert result['protocol']['reduce_zero_label'] is False
     assert 0 < result['metrics']['miou'] < 1
 
 

@@ -197,7 +197,8 @@ def _cmd_validate(args) -> None:
 
     given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
     command = shlex.join(['zoo', 'validate', args.model, *(
-        part for k, v in given.items() for part in (f'--{k.replace("_", "-")}', str(v)))])
+        part for k, v in given.items() for part in (f'--{k.replace("_", "-")}', str(v))),
+        *(['--reduce-zero-label'] if args.reduce_zero_label else [])])
     depth = {k: given[k] for k in _DEPTH_OPTIONS if k in given}
     video = {k: given[k] for k in ('prune', 'bits') if k in given}
     model, weights_sha256 = validate.load_model(args.model)
@@ -206,8 +207,8 @@ def _cmd_validate(args) -> None:
     result = validate.validate(
         model, args.data, split=args.split, batch_size=args.batch, limit=args.limit,
         device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), num_workers=args.workers,
-        depth=depth, bitstream=args.bitstream, weights_sha256=weights_sha256, source=args.model, command=command,
-        **video)
+        depth=depth, reduce_zero_label=args.reduce_zero_label, bitstream=args.bitstream,
+        weights_sha256=weights_sha256, source=args.model, command=command, **video)
     if args.results_file:
         validate.write_results(result, args.results_file)
     if args.update_card:
@@ -315,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--depth-scale', type=float, help='ground truth PNG value per metre (default 1000 NYU, 256 KITTI)')
     g.add_argument('--upsample', choices=['bilinear_align_corners', 'bilinear', 'nearest'],
                    help='how the prediction is resized to the ground truth (default iDisc\'s)')
+    p.add_argument('--reduce-zero-label', action='store_true',
+                   help='segmentation: mask label 0 is ignored, 1..K become 0..K-1 (mmseg\'s, for ADE20K)')
     g = p.add_argument_group('video (the bitstream measured)')
     g.add_argument('--prune', type=float, help='fraction of decoder weights pruned (default 0.1)')
     g.add_argument('--bits', type=int, help='quantisation bits (default 8)')

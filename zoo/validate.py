@@ -49,6 +49,7 @@ __all__ = [
 # The ground truth's unit per benchmark (16-bit PNGs: millimetres for NYU, metres x 256 for KITTI).
 DEPTH_SCALES = {'nyu': 1000., 'kitti': 256.}
 UPSAMPLE_MODES = ('bilinear_align_corners', 'bilinear', 'nearest')
+TASKS = ('classification', 'depth', 'segmentation', 'video')
 # Batch size when none is given (16 otherwise): depth's averaging depends on it, and 8 is iDisc's test batch.
 DEFAULT_BATCH = dict(depth=8)
 # The keys of a config.json `results` entry (the format agreed with the card renderer).
@@ -84,7 +85,7 @@ def depth_protocol(benchmark: str = 'nyu', crop: Optional[str] = None, min_depth
     return protocol
 
 
-def load_model(name: str) -> Tuple[nn.Module, Optional[str]]:
+def load_model(name: str) -> Tuple[nn.Module, str]:
     """(model in eval mode, sha256 of its weight file) for a Hub folder (`DIR` or `local-dir:DIR`), a Hub repo
     (`hf-hub:ID`), or a zoo `name.tag` with published weights."""
     if name.startswith('local-dir:') or Path(name).is_dir():
@@ -241,18 +242,21 @@ def _video(model, eval_set, device, batch_size, quiet, prune: float, bits: int,
 
 def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation', batch_size: Optional[int] = None,
              limit: Optional[int] = None, device: Union[str, torch.device] = 'cpu', num_workers: int = 0,
-             depth: Optional[Dict[str, Any]] = None, prune: float = 0.1, bits: int = 8,
+             depth: Optional[Dict[str, Any]] = None, reduce_zero_label: bool = False, prune: float = 0.1, bits: int = 8,
              bitstream: Optional[Union[str, Path]] = None, weights_sha256: Optional[str] = None,
              source: Optional[str] = None, command: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
     """Evaluate `model` on the `split` of `data` by its task's protocol; returns the result (a dict).
 
     `batch_size` defaults to `DEFAULT_BATCH` of the task (depth: 8, as iDisc's test runs, which matters because
     iDisc averages pixel metrics over each batch).
-    `depth` overrides the depth protocol (`depth_protocol` keyword arguments); `prune`, `bits` and `bitstream`
-    (a path to keep the bitstream at) are the video compression's. `weights_sha256`, `source` (how the model
+    `depth` overrides the depth protocol (`depth_protocol` keyword arguments); `reduce_zero_label` (mmseg's, for
+    ADE20K) ignores mask label 0 and moves 1..K to 0..K-1; `prune`, `bits` and `bitstream` (a path to keep the
+    bitstream at) are the video compression's. `weights_sha256`, `source` (how the model
     was named) and `command` are recorded as given.
     """
     task = model_task(model)
+    if task not in TASKS:
+        raise InputError(f'zoo validate has no protocol for task {task!r}; it measures {", ".join(TASKS)} models')
     batch_size = DEFAULT_BATCH.get(task, 16) if batch_size is None else batch_size
     if batch_size < 1 or (limit is not None and limit < 1):
         raise InputError(f'batch and limit must be at least 1; got batch {batch_size}, limit {limit}')
@@ -263,6 +267,9 @@ def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation'
     if task == 'depth':
         protocol.update(depth_protocol(**(depth or {})), batch_size=batch_size)
         data_spec = dict(depth_scale=protocol['depth_scale'], benchmark=protocol['benchmark'])
+    elif task == 'segmentation':
+        protocol.update(reduce_zero_label=reduce_zero_label)
+        data_spec = dict(reduce_zero_label=reduce_zero_label)
     start = time.perf_counter()
     eval_set = _eval_set(task, model, data, split, limit, data_spec)
     if task == 'classification':
@@ -274,11 +281,9 @@ def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation'
         scored = _segmentation(model, eval_set, device, batch_size, num_workers, quiet)
         protocol.update(classes=scored.pop('classes'), ignore_index=IGNORE_INDEX, hd95_unit='pixels',
                         hd95_cases=scored.pop('hd95_cases'))
-    elif task == 'video':
+    else:
         scored = _video(model, eval_set, device, batch_size, quiet, prune, bits, bitstream)
         protocol.update(frame_size=list(model.frame_size), prune=prune, bits=bits, per_frame_mean=True)
-    else:
-        raise InputError(f'zoo validate has no protocol for task {task!r}')
     cfg = model.pretrained_cfg
     return dict(
         model=cfg.get('architecture') or type(model).__name__, tag=cfg.get('tag'),
