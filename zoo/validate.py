@@ -261,6 +261,7 @@ def validate(model: nn.Module, data: Union[str, Path], split: str = 'validation'
     if batch_size < 1 or (limit is not None and limit < 1):
         raise InputError(f'batch and limit must be at least 1; got batch {batch_size}, limit {limit}')
     data = str(data)
+    split = None if task == 'video' else split  # a video model is measured on the whole video it fits
     model = model.to(device).eval()
     protocol: Dict[str, Any] = dict(split=split, limit=limit)
     data_spec: Dict[str, Any] = {}
@@ -345,7 +346,8 @@ def _results_section(results) -> str:
     for r in results:
         metrics = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in r['metrics'].items())
         protocol = json.dumps({k: v for k, v in r['protocol'].items() if k != 'split'}, separators=(', ', ': '))
-        lines.append(f'| {r["task"]} | `{r["dataset"]}` | {r["split"]} | {metrics} | `{protocol}` | {r["date"]} |')
+        split = r['split'] or '-'
+        lines.append(f'| {r["task"]} | `{r["dataset"]}` | {split} | {metrics} | `{protocol}` | {r["date"]} |')
     return '\n'.join(lines) + '\n'
 
 
