@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -106,6 +107,26 @@ def test_classification_top1_top5_results_file_and_card(tmp_path, capsys, monkey
 
     code, _, err = run(capsys, 'validate', folder, '--data', data, '--split', 'test', '--workers', 0)
     assert code == 2 and err.count('\n') == 1 and 'test' in err
+
+
+@pytest.mark.usefixtures('hub')  # the local fake Hub of conftest.py
+def test_load_model_hashes_the_weight_file_it_loaded(tmp_path):
+    import safetensors.torch
+    from huggingface_hub import HfApi
+
+    weights = tmp_path / 'model.safetensors'
+    safetensors.torch.save_file(zoo.create_model('spartan_tiny').state_dict(), weights)
+    api = HfApi()
+    api.create_repo('henry-pay/SpaRTAN-S')  # spartan_tiny.in1k's official repo
+    api.upload_file(path_or_fileobj=weights, path_in_repo='model.safetensors', repo_id='henry-pay/SpaRTAN-S')
+    model, sha = validation.load_model('zoo/spartan_tiny.in1k')
+    assert sha == hub.sha256_file(weights)
+
+    folder = tmp_path / 'folder'
+    timm.models.save_for_hf(model, folder, safe_serialization=True)  # config.json + weights: a card costs time
+    hub.push_folder(folder, 'someone/spartan')
+    _, sha = validation.load_model('hf-hub:someone/spartan')
+    assert sha == hub.sha256_file(folder / 'model.safetensors')
 
 
 # ---------------------------------------------------------------------------------------------------------------
