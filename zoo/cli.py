@@ -1,7 +1,8 @@
-"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench."""
+"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench, validate."""
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -187,6 +188,34 @@ def _cmd_bench(args) -> None:
     print(json.dumps(result.as_dict(), indent=2) if args.json else result)
 
 
+_DEPTH_OPTIONS = ('benchmark', 'crop', 'min_depth', 'max_depth', 'depth_scale', 'upsample')
+_VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', *_DEPTH_OPTIONS, 'prune', 'bits')
+
+
+def _cmd_validate(args) -> None:
+    from zoo import validate  # imports the trainer (accelerate): only when validating
+
+    given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
+    command = shlex.join(['zoo', 'validate', args.model, *(
+        part for k, v in given.items() for part in (f'--{k.replace("_", "-")}', str(v))),
+        *(['--reduce-zero-label'] if args.reduce_zero_label else [])])
+    depth = {k: given[k] for k in _DEPTH_OPTIONS if k in given}
+    video = {k: given[k] for k in ('prune', 'bits') if k in given}
+    model, weights_sha256 = validate.load_model(args.model)
+    if args.update_card:  # before the run, not after it
+        validate.check_card_folder(args.update_card, weights_sha256)
+    result = validate.validate(
+        model, args.data, split=args.split, batch_size=args.batch, limit=args.limit,
+        device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'), num_workers=args.workers,
+        depth=depth, reduce_zero_label=args.reduce_zero_label, bitstream=args.bitstream,
+        weights_sha256=weights_sha256, source=args.model, command=command, **video)
+    if args.results_file:
+        validate.write_results(result, args.results_file)
+    if args.update_card:
+        validate.update_card(args.update_card, result)
+    print(json.dumps(result, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -267,6 +296,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output-dir', type=Path, help='default: runs/reproduce-<name>')
     p.add_argument('--rtol', type=float, default=0.01, help='relative tolerance on metrics when not bit-exact')
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser('validate', help='measure a model on a dataset by its task\'s protocol (timm validate.py)')
+    p.add_argument('model', help='model name.tag (pretrained weights), a Hub folder, local-dir:DIR or hf-hub:ID')
+    p.add_argument('--data', required=True, help='a local folder (the training layout) or video, or a Hub dataset id')
+    p.add_argument('--split', default='validation', help='the split folder or Hub split (default validation)')
+    p.add_argument('--batch', type=int, help='images (or frames) per batch (default 16; depth 8, iDisc\'s test batch)')
+    p.add_argument('--limit', type=int, help='evaluate the first N samples (frames, for video) only')
+    p.add_argument('--results-file', type=Path, help='append the result to a .csv or .json file')
+    p.add_argument('--update-card', type=Path, metavar='FOLDER',
+                   help='add the result to FOLDER/config.json "results" and re-render its card (same weights only)')
+    p.add_argument('--device', help='cpu or cuda[:i] (default: cuda if available)')
+    p.add_argument('--workers', type=int, default=4, help='data loader workers (default 4)')
+    g = p.add_argument_group('depth (the iDisc protocol; defaults are the benchmark\'s)')
+    g.add_argument('--benchmark', choices=['nyu', 'kitti'], help='default nyu')
+    g.add_argument('--crop', choices=['eigen_nyu', 'garg', 'eigen', 'none'], help='default: eigen_nyu NYU, garg KITTI')
+    g.add_argument('--min-depth', type=float, help='default 0.01 m')
+    g.add_argument('--max-depth', type=float, help='default 10 m NYU, 80 m KITTI')
+    g.add_argument('--depth-scale', type=float, help='ground truth PNG value per metre (default 1000 NYU, 256 KITTI)')
+    g.add_argument('--upsample', choices=['bilinear_align_corners', 'bilinear', 'nearest'],
+                   help='how the prediction is resized to the ground truth (default iDisc\'s)')
+    p.add_argument('--reduce-zero-label', action='store_true',
+                   help='segmentation: mask label 0 is ignored, 1..K become 0..K-1 (mmseg\'s, for ADE20K)')
+    g = p.add_argument_group('video (the bitstream measured)')
+    g.add_argument('--prune', type=float, help='fraction of decoder weights pruned (default 0.1)')
+    g.add_argument('--bits', type=int, help='quantisation bits (default 8)')
+    g.add_argument('--bitstream', type=Path, help='keep the bitstream at this path (default: a temporary file)')
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 
