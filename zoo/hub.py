@@ -305,6 +305,9 @@ def write_folder(directory: Union[str, Path], write: Callable[[Path], None],
     staging = Path(tempfile.mkdtemp(prefix=f'{SAVE_PREFIX}{os.getpid()}.{socket.gethostname()}.', dir=target.parent))
     try:
         write(staging)
+        for written in staging.rglob('*'):
+            if written.is_file():
+                os.chmod(written, _file_mode())  # some writers (safetensors) make files 0o600
         if target.is_dir():
             for entry in target.iterdir():
                 kept = staging / entry.name
