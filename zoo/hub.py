@@ -406,7 +406,9 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
     try:
         config = json.loads(config_path.read_text())
         arch = config['architecture']
-    except (ValueError, KeyError) as e:
+        if not isinstance(arch, str) or not isinstance(config.get('model_args', {}), dict):
+            raise TypeError('architecture must be a name, model_args an object')
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{config_path} is not a timm config.json (no readable "architecture")') from e
     try:
         check_model_name(arch)
@@ -415,6 +417,9 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
             f'{config_path} describes architecture {arch!r}, which is not registered with timm: {e}. If it is a '
             'zoo model, `import zoo` first; otherwise import the package that registers it') from e
     state_dict = read_checkpoint(weights_path)
-    model = timm.create_model(f'local-dir:{config_path.parent}', pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(f'local-dir:{config_path.parent}', pretrained=False, **kwargs)
+    except TypeError as e:  # a constructor argument the architecture does not take
+        raise CheckpointError(f'{config_path}: its model_args do not fit {arch} ({e})') from e
     load_state_dict_strict(model, state_dict, source=str(weights_path))
     return model.eval()
