@@ -28,7 +28,7 @@ from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_h
 from timm.models._hub import download_cached_file, hf_split
 
 from zoo.errors import CheckpointError, InputError
-from zoo.registry import check_model_name
+from zoo.registry import check_model_args, check_model_name
 
 _logger = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def build_zoo_model(
     or `url`); it is downloaded, checked against `weight_sha256['arch.tag']` when recorded, passed through
     the family's `checkpoint_filter_fn` and loaded strictly. Everything else is timm's own path.
     """
+    check_model_args(variant, kwargs)
     pretrained_cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop('pretrained_cfg', None),
