@@ -9,12 +9,14 @@ from typing import List, Optional
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
 from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
-from zoo.errors import ZooError
+from zoo.errors import InputError, WeightsUnavailableError, ZooError
 from zoo.registry import check_model_name
 
 
@@ -66,16 +68,28 @@ def _read_image(image_path):
 
     try:
         return Image.open(image_path).convert('RGB')
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
 
 
+def _create_pretrained(name: str, random: bool = False) -> torch.nn.Module:
+    """`zoo.create_model(name, pretrained=not random)`, refused by name when no weights are published for it."""
+    cfg = None if random else timm.models.get_pretrained_cfg(registry_name(name))
+    if cfg is not None and not cfg.has_weights:
+        raise WeightsUnavailableError(
+            f'{name} has no published weights (`zoo list --pretrained` lists those that have); '
+            'add --random to try it with random weights')
+    return zoo.create_model(name, pretrained=not random)
+
+
 def _cmd_predict(args) -> None:
+    if args.top_k < 1:
+        raise InputError(f'--top-k must be at least 1, got {args.top_k}')
     source = Path(args.name)
     if source.is_dir():
         model = hub.load(source)
     else:
-        model = zoo.create_model(args.name, pretrained=not args.random).eval()
+        model = _create_pretrained(args.name, args.random).eval()
     if getattr(model, 'task', 'classification') != 'classification':
         from zoo.tasks import save_prediction
 
@@ -98,6 +112,7 @@ def _cmd_predict(args) -> None:
 def _cmd_convert(args) -> None:
     from zoo.convert import family_module
 
+    hub.check_output_dir(args.out)
     module = family_module(args.family)
     model_name = args.model
     if model_name is None:
@@ -113,8 +128,18 @@ def _cmd_convert(args) -> None:
     print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
 
 
+# The HTTP library's base error (httpx's or requests'), which connection failures derive from.
+_HTTP_ERROR = HfHubHTTPError.__bases__[0]
+
+
 def _cmd_push(args) -> None:
-    commit = hub.push_folder(args.directory, args.repo_id, commit_message=args.message, private=args.private)
+    try:
+        commit = hub.push_folder(args.directory, args.repo_id, commit_message=args.message, private=args.private)
+    except (_HTTP_ERROR, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ZooError(f'could not push to {args.repo_id} at {hf_constants.ENDPOINT} ({type(e).__name__}: {e}); '
+                       'check the network, the token (hf auth login) and HF_ENDPOINT') from e
     print(getattr(commit, 'commit_url', commit))
 
 

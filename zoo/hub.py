@@ -3,15 +3,19 @@
 Folders written here load with `timm.create_model("local-dir:...")`, `timm.create_model("hf-hub:...")`
 and `transformers.AutoModelForImageClassification.from_pretrained(...)` once `import zoo` has run.
 """
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Collection, Dict, Optional, Union
 
 import safetensors.torch
 import timm
@@ -23,8 +27,8 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_hf
 from timm.models._hub import download_cached_file, hf_split
 
-from zoo.errors import CheckpointError
-from zoo.registry import check_model_name
+from zoo.errors import CheckpointError, InputError
+from zoo.registry import check_model_args, check_model_name
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +37,9 @@ OFFICIAL_SOURCE = 'official'
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar', '.ckpt')
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = 'config.json', 'model.safetensors', 'README.md'
 TRAINING_NAME, RECIPE_NAME = 'training.json', 'training_recipe.yaml'
+# Every file save_pretrained may write: a save replaces all of them (and drops those it does not write now).
+ZOO_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, TRAINING_NAME, RECIPE_NAME)
+SAVE_PREFIX = '.zoo-save-'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,6 +150,7 @@ def build_zoo_model(
     or `url`); it is downloaded, checked against `weight_sha256['arch.tag']` when recorded, passed through
     the family's `checkpoint_filter_fn` and loaded strictly. Everything else is timm's own path.
     """
+    check_model_args(variant, kwargs)
     pretrained_cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop('pretrained_cfg', None),
@@ -185,11 +193,15 @@ def _write_config(model: nn.Module, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + '\n')
 
 
-def _file_mode() -> int:
-    """The mode a plain `open(..., 'w')` gives (0o666 less the umask); temp files are made 0o600."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _file_mode() -> int:
+    """The mode a plain `open(..., 'w')` gives (0o666 less the umask); temp files are made 0o600."""
+    return 0o666 & ~_umask()
 
 
 def replace_file(finished: Union[str, Path], target: Union[str, Path]) -> None:
@@ -213,36 +225,135 @@ def write_atomically(path: Union[str, Path], write: Callable[[Any], None]) -> Pa
     return path
 
 
+def check_output_dir(path: Union[str, Path]) -> Path:
+    """`path` as a folder to write into (new or existing); an `InputError` when it, or a folder above it, is a file."""
+    path = Path(path)
+    for existing in (path, *path.parents):
+        if existing.is_dir():
+            break
+        if existing.exists() or existing.is_symlink():
+            where = 'is a file' if existing == path else f'is under {existing}, which is a file'
+            raise InputError(f'{path} {where}; give a folder (new, or one to update)')
+    return path
+
+
+def _linux_renameat2():
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2 if sys.platform.startswith('linux') else None
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return None
+
+
+_RENAMEAT2 = _linux_renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _swap_folders(new: Path, target: Path) -> None:
+    """Put folder `new` at `target` with one rename (Linux `renameat2(RENAME_EXCHANGE)`); the old `target` ends up
+    at `new`'s path. Where the exchange is missing, two renames leave `target` absent for a moment."""
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(target), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # anything but "not supported here"
+            raise OSError(code, os.strerror(code), str(target))
+    old = new.with_name(new.name + '-old')
+    os.rename(target, old)
+    os.rename(new, target)
+    os.rename(old, new)
+
+
+def _is_stale(save: Path) -> bool:
+    """A `.zoo-save-<pid>.<host>.*` folder left by a save that is no longer running (or by an older zoo)."""
+    pid, _, rest = save.name[len(SAVE_PREFIX):].partition('.')
+    host = rest.rpartition('.')[0]
+    if not pid.isdigit():
+        return True  # written before the pid was recorded
+    if host != socket.gethostname():
+        return False  # another machine's save on a shared filesystem: it cannot be checked from here
+    if int(pid) == os.getpid():
+        return True  # an earlier save of this process, which raised before cleaning up
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)
+
+
+def write_folder(directory: Union[str, Path], write: Callable[[Path], None],
+                 owned: Collection[str] = ZOO_FILES) -> Path:
+    """Replace folder `directory` all at once: the old folder or the new one, never a mix.
+
+    `write(staging)` fills a new folder beside `directory`; the entries of the old folder not named in `owned`
+    (files the zoo did not write) are hard-linked (or copied) into it; one rename swaps it in. A failed or
+    killed write leaves the old folder as it was, and its leftovers (`.zoo-save-*` beside `directory`) are
+    removed by the next write into the same parent.
+    """
+    target = check_output_dir(directory).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f'{SAVE_PREFIX}*'):
+        if _is_stale(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f'{SAVE_PREFIX}{os.getpid()}.{socket.gethostname()}.', dir=target.parent))
+    try:
+        write(staging)
+        for written in staging.rglob('*'):
+            if written.is_file():
+                os.chmod(written, _file_mode())  # some writers (safetensors) make files 0o600
+        if target.is_dir():
+            for entry in target.iterdir():
+                kept = staging / entry.name
+                if entry.name in owned or kept.exists() or kept.is_symlink():
+                    continue
+                if entry.is_symlink():
+                    os.symlink(os.readlink(entry), kept)
+                elif entry.is_dir():
+                    shutil.copytree(entry, kept, symlinks=True, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(entry, kept)
+            os.chmod(staging, target.stat().st_mode)
+            _swap_folders(staging, target)
+        else:
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Optional[Dict[str, Any]] = None) -> Path:
     """Write config.json, model.safetensors and README.md (the model card) into `directory`.
 
     `training` (`{'recipe': ..., 'data': ..., 'metrics': ...}`, from `zoo.trainer`) adds training.json and
     training_recipe.yaml, and a card section with the recipe, the data, the metrics and the weights' sha256.
-    The files are written into a temporary folder beside `directory` and moved into place only once
-    all of them are complete, so an interrupted save never leaves a half-written file behind.
+    The folder is replaced as a whole (`write_folder`): the zoo's files of an earlier save that this one does
+    not write (a training.json, a recipe) are gone, files the zoo did not write stay, and an interrupted save
+    leaves the old folder as it was.
     """
     from zoo.cards import model_card, training_section
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix='.zoo-save-', dir=directory.parent))
-    try:
+    def write(staging: Path) -> None:
         save_for_hf(model, staging, safe_serialization=True)
         _write_config(model, staging)
-        names = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
         card = model_card(model)
         if training is not None:
-            training = dict(training, weights_sha256=sha256_file(staging / WEIGHTS_NAME))
-            (staging / TRAINING_NAME).write_text(json.dumps(training, indent=2, default=str) + '\n')
-            (staging / RECIPE_NAME).write_text(yaml.safe_dump(training['recipe'], sort_keys=False))
-            card += training_section(training)
-            names += [TRAINING_NAME, RECIPE_NAME]
+            record = dict(training, weights_sha256=sha256_file(staging / WEIGHTS_NAME))
+            (staging / TRAINING_NAME).write_text(json.dumps(record, indent=2, default=str) + '\n')
+            (staging / RECIPE_NAME).write_text(yaml.safe_dump(record['recipe'], sort_keys=False))
+            card += training_section(record)
         (staging / CARD_NAME).write_text(card)
-        for name in names:
-            replace_file(staging / name, directory / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
+
+    write_folder(directory, write)
+    return Path(directory)
 
 
 def push_folder(
@@ -296,7 +407,9 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
     try:
         config = json.loads(config_path.read_text())
         arch = config['architecture']
-    except (ValueError, KeyError) as e:
+        if not isinstance(arch, str) or not isinstance(config.get('model_args', {}), dict):
+            raise TypeError('architecture must be a name, model_args an object')
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f'{config_path} is not a timm config.json (no readable "architecture")') from e
     try:
         check_model_name(arch)
@@ -305,6 +418,9 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
             f'{config_path} describes architecture {arch!r}, which is not registered with timm: {e}. If it is a '
             'zoo model, `import zoo` first; otherwise import the package that registers it') from e
     state_dict = read_checkpoint(weights_path)
-    model = timm.create_model(f'local-dir:{config_path.parent}', pretrained=False, **kwargs)
+    try:
+        model = timm.create_model(f'local-dir:{config_path.parent}', pretrained=False, **kwargs)
+    except TypeError as e:  # a constructor argument the architecture does not take
+        raise CheckpointError(f'{config_path}: its model_args do not fit {arch} ({e})') from e
     load_state_dict_strict(model, state_dict, source=str(weights_path))
     return model.eval()

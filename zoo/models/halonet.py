@@ -36,6 +36,11 @@ from zoo.layers import check_image_input
 
 __all__ = ['HaloNet', 'HaloAttention']
 
+# Without gradients, halo attention runs over chunks of blocks whose position logits stay under this many
+# elements (128 MiB in float32): the logits and attention weights of all blocks at once grow with
+# blocks x window^2 (6.6 GB each for H0's first stage on a 4096x4096 image).
+_INFERENCE_CHUNK_ELEMENTS = 1 << 25
+
 
 class HaloPosEmbedRel(PosEmbedRel):
     """timm's relative position tables (`height_rel`, `width_rel`: 2 * win - 1 rows of `dim_head`),
@@ -133,19 +138,30 @@ class HaloAttention(nn.Module):
         q = F.pad(q, [0, nbw * bq - Wq, 0, nbh * bq - Hq])
         q = q.reshape(B * nh, self.dim_head_qk, nbh, bq, nbw, bq).permute(0, 2, 4, 3, 5, 1)
         q = q.reshape(B * nh, nbh * nbw, bq, bq, self.dim_head_qk)
-        pos_logits = self.pos_embed(q)
-        q = q.flatten(2, 3)  # (B * nh, blocks, bq * bq, dim_head_qk)
 
         kv = F.pad(self.kv(x), [h, h + pad_w, h, h + pad_h])
         kv = kv.unfold(2, self.win_size, b).unfold(3, self.win_size, b)  # (B, C, nbh, nbw, win, win)
         kv = kv.reshape(B * nh, self.dim_head_qk + self.dim_head_v, nbh * nbw, -1).permute(0, 2, 3, 1)
         k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
 
-        # softmax(q.k * scale + q.r): the position logits enter as the additive mask, unscaled
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_logits.to(q.dtype), scale=self.scale)
+        blocks = nbh * nbw
+        chunk = blocks if torch.is_grad_enabled() else max(
+            1, _INFERENCE_CHUNK_ELEMENTS // (B * nh * bq * bq * self.win_size * self.win_size))
+        if chunk >= blocks:
+            out = self._attend(q, k, v)
+        else:
+            out = torch.cat([self._attend(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk])
+                             for i in range(0, blocks, chunk)], dim=1)
         out = out.reshape(B, nh, nbh, nbw, bq, bq, self.dim_head_v).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, nh * self.dim_head_v, nbh * bq, nbw * bq)
         return out[:, :, :Hq, :Wq]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Query blocks q (B * nh, n, bq, bq, dim_head_qk) over their windows k, v (B * nh, n, win * win, dim_head)."""
+        pos_logits = self.pos_embed(q)
+        # softmax(q.k * scale + q.r): the position logits enter as the additive mask, unscaled
+        return F.scaled_dot_product_attention(
+            q.flatten(2, 3), k, v, attn_mask=pos_logits.to(q.dtype), scale=self.scale)
 
 
 class HaloBlock(nn.Module):
