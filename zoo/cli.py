@@ -108,6 +108,7 @@ def _cmd_convert(args) -> None:
     model = zoo.create_model(model_name, **kwargs)
     state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
     hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
+    hub.mark_official(model, args.checkpoint, getattr(module, 'WEIGHT_SHA256', None))
     out = hub.save_pretrained(model.eval(), args.out)
     print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
 

@@ -448,15 +448,17 @@ def load_quantized_release(
     Weights and embeddings are dequantized as min + scale * quant; the encoder is not part of the release.
     """
     import timm
-    from zoo.hub import load_state_dict_strict, read_checkpoint
+    from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
+    path = None
     if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint)
+        path, checkpoint = checkpoint, read_checkpoint(checkpoint)
     if not is_quantized_release(checkpoint):
         raise ValueError(
             "not an HNeRV quantized release: expected {'embed': {quant, min, scale}, 'model': {...}}, got keys "
             f'{list(checkpoint)[:5]}')
     model = timm.create_model(model_name, **model_kwargs)
     load_state_dict_strict(model, checkpoint_filter_fn(checkpoint, model), source='HNeRV quantized release')
+    mark_official(model, path, WEIGHT_SHA256)
     return model.eval(), model.frame_embeddings
 
 
@@ -601,9 +603,10 @@ card_info = dict(
     },
     usage=(
         'import torch\n'
-        'frames = torch.rand(2, 3, 640, 1280)  # frames of the video the model was fitted to, RGB in [0, 1]\n'
-        'embeddings = model.encode(frames)  # (2, 16, 2, 4): what a compressed video stores per frame\n'
-        'reconstruction = model.decode(embeddings)  # (2, 3, 640, 1280) in [0, 1]\n'
+        'frames = torch.rand(2, 3, {height}, {width})  # frames of the video the model was fitted to, RGB in [0, 1]\n'
+        'with torch.no_grad():\n'
+        '    embeddings = model.encode(frames)  # what a compressed video stores per frame\n'
+        '    reconstruction = model.decode(embeddings)  # (2, 3, {height}, {width}) in [0, 1]\n'
         '# hnerv_1_5m.bunny: the release\'s own embeddings are model.frame_embeddings (132, 16, 2, 4)'),
 )
 

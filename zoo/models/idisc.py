@@ -695,9 +695,10 @@ card_info = dict(
         'which is dropped on load (55.2M params here, 57.2M in the official count). The deformable attention runs '
         'on plain PyTorch (grid_sample), slower than the official CUDA op.'),
     usage=(
-        'from zoo.tasks.depth import image_to_tensor, save_depth_picture\n'
-        'depth = model(image_to_tensor(model, pil_image))  # (1, 1, H, W) in metres, at the image size\n'
-        'save_depth_picture(model, pil_image, "depth.png")  # colourised'),
+        'x = torch.rand(1, 3, {height}, {width})  # or: zoo.tasks.depth.image_to_tensor(model, pil_image)\n'
+        'with torch.no_grad():\n'
+        '    depth = model(x)  # (1, 1, {height}, {width}) in metres, at the input size\n'
+        '# zoo.tasks.depth.save_depth_picture(model, pil_image, "depth.png") writes a colourised picture'),
     variants={
         'idisc_resnet101': 'ResNet-101 encoder (torchvision ImageNet weights); README: NYU AbsRel .109, RMSE .380; '
                            'KITTI AbsRel .059, RMSE 2.362',

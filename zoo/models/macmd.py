@@ -564,8 +564,9 @@ card_info = dict(
     },
     usage=(
         'import torch\n'
-        'x = torch.rand(1, 1, 224, 224)  # a CT slice scaled to [0, 1]\n'
-        'mask = model.predict_proba(x).argmax(1)  # (1, 224, 224) class indices'),
+        'x = torch.rand(1, {channels}, {height}, {width})  # a CT slice scaled to [0, 1]\n'
+        'with torch.no_grad():\n'
+        '    mask = model.predict_proba(x).argmax(1)  # (1, {height}, {width}) class indices'),
 )
 
 

@@ -245,7 +245,8 @@ card_info = dict(
     },
     usage=(
         'import torch\n'
-        'frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, 720, 1280) in [0, 1]'),
+        'with torch.no_grad():\n'
+        '    frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, {height}, {width}) in [0, 1]'),
 )
 
 

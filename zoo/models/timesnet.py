@@ -252,8 +252,9 @@ card_info = dict(
     pipeline_tag='depth-estimation',
     usage=(
         '# pretrained=True: encoder and decoder from their ImageNet classifiers (no ×Net weights exist)\n'
-        '# images: (B, 3, H, W), ImageNet mean/std, H and W multiples of 32\n'
-        'depth = model(images)  # (B, 1, H, W), metres in (0, max_depth=10)\n'
+        'images = torch.rand(1, 3, {height}, {width})  # ImageNet mean/std, H and W multiples of 32\n'
+        'with torch.no_grad():\n'
+        '    depth = model(images)  # (1, 1, {height}, {width}), metres in (0, max_depth=10)\n'
         '# task="segmentation", num_classes=K: logits (B, K, H, W)'),
     intended_use=(
         'Monocular depth estimation (task="depth", the default) and semantic segmentation '
