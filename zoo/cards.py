@@ -189,7 +189,8 @@ def _usage(info: Dict, input_size: Tuple[int, int, int], load_line: str) -> str:
         'config = timm.data.resolve_model_data_config(model)\n'
         'transform = timm.data.create_transform(**config, is_training=False)\n'
         'with torch.no_grad():\n'
-        '    top5 = model(x).softmax(-1).topk(5)')
+        '    probs = model(x).softmax(-1)\n'
+        'top5 = probs.topk(min(5, probs.shape[-1]))')
     usage = info.get('usage') or default
     for key, value in zip(('{channels}', '{height}', '{width}'), input_size):
         usage = usage.replace(key, str(value))

@@ -74,6 +74,8 @@ def _cmd_predict(args) -> None:
     if source.is_dir():
         model = hub.load(source)
     else:
+        if not args.random:
+            hub.require_published_weights(args.name)
         model = zoo.create_model(args.name, pretrained=not args.random).eval()
     if getattr(model, 'task', 'classification') != 'classification':
         from zoo.tasks import save_prediction
@@ -131,6 +133,8 @@ def _cmd_compress(args) -> None:
     from zoo.tasks import video
 
     source = Path(args.model)
+    if not source.is_dir():
+        hub.require_published_weights(args.model)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.model, pretrained=True)
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg, save_for_hf
 from timm.models._hub import download_cached_file, hf_split
 
+from zoo._namespace import registry_name
 from zoo.errors import CheckpointError, WeightsUnavailableError
 from zoo.registry import check_model_name
 
@@ -126,6 +127,18 @@ def weights_unavailable(pretrained_cfg: Dict[str, Any], error: BaseException) ->
         f'Download {filename} by hand and pass it with pretrained_cfg_overlay=dict(file="path/to/{filename}"), '
         'or with HF_HUB_OFFLINE=1 use what the Hugging Face cache already holds; `--random` tries the zoo CLI '
         'without weights')
+
+
+def require_published_weights(model_name: str) -> None:
+    """Stop at once, before any download, when `model_name` (`arch` or `arch.tag`) has no weights to load."""
+    name = registry_name(model_name)
+    check_model_name(name)
+    cfg = timm.models.get_pretrained_cfg(name)
+    if not cfg.has_weights:
+        raise WeightsUnavailableError(
+            f'{model_name} has no published weights (`zoo card {name}` says where other weights exist): use '
+            '--random to try the command with random weights, or give a Hub folder (`zoo convert` writes one '
+            'from an official checkpoint)')
 
 
 def download_official_weights(pretrained_cfg: Dict[str, Any], cache_dir: Optional[str] = None) -> Path:
