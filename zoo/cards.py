@@ -77,12 +77,12 @@ def _describe_provenance(provenance: Dict) -> str:
     """One sentence on where weights come from (used for `fine-tuned` weights' origin too)."""
     kind = provenance.get('kind')
     if kind == 'official':
-        file = f'`{provenance["file"]}` from ' if provenance.get('file') else ''
+        source = provenance.get('source') or 'an unrecorded place'
+        source = source if source.startswith('a ') else f'`{source}`'
+        file = f' `{provenance["file"]}`' if provenance.get('file') else ''
         release = f' (the published `{provenance["release"]}` release)' if provenance.get('release') else ''
         sha = f', sha256 `{provenance["file_sha256"]}`' if provenance.get('file_sha256') else ''
-        tag = f' `.{provenance["tag"]}`' if provenance.get('tag') else ''
-        return (f"the authors' official weights{tag}{release}, {file}`{provenance.get('source')}`{sha}, "
-                "converted to the zoo's layout")
+        return f"the authors' checkpoint{file}{release} from {source}{sha}, converted to the zoo's layout"
     if kind == 'timm':
         return f"timm's weights `{provenance.get('source')}`"
     if kind == 'zoo-trained':
@@ -115,7 +115,8 @@ def _weights_lines(provenance: Dict, cfg: Dict, held: bool, weights_sha256: Opti
         if provenance.get('how'):
             text += f' {provenance["how"][0].upper()}{provenance["how"][1:]}.'
     else:
-        text = f'**{kind.capitalize()}:** {_describe_provenance(provenance)}.'
+        label = {'official': 'Official weights', 'timm': "timm's weights"}[kind]
+        text = f'**{label}:** {_describe_provenance(provenance)}.'
         if provenance.get('classifier'):
             text += f' The classifier is {provenance["classifier"]}.'
         if held and cfg.get('description'):
@@ -127,17 +128,18 @@ def _weights_lines(provenance: Dict, cfg: Dict, held: bool, weights_sha256: Opti
     return lines
 
 
-def _results_lines(measured: list, paper: list, held: bool) -> list:
+def _results_lines(measured: list, paper: list, published: bool) -> list:
+    """Measured figures, then the paper's, labelled so; `published`: the weights are those the paper's are for."""
     if not measured and not paper:
         return []
     lines = ['## Results', '']
-    if paper and not held:
-        lines += ["The paper's figures are for the authors' weights, not for these.", '']
+    if paper and not published:
+        lines += ["The paper's figures are for the authors' trained model, not for these weights.", '']
     lines += ['| figure | task | dataset | split | metrics | protocol |', '|---|---|---|---|---|---|']
     for r in measured:
-        by = r.get('by') or 'measured'
+        by = f'measured ({r["by"]})' if r.get('by') else 'measured'
         protocol = ', '.join(f'{k}: {v}' for k, v in (r.get('protocol') or {}).items()) or '-'
-        lines.append(f'| {by if by != "measured" else "measured"} | {r.get("task")} | {r.get("dataset")} | '
+        lines.append(f'| {by} | {r.get("task")} | {r.get("dataset")} | '
                      f'{r.get("split")} | {_metrics_text(r.get("metrics") or {})} | {protocol} |')
     for r in paper:
         lines.append(f'| paper ({r.get("source")}) | {r.get("task")} | {r.get("dataset")} | {r.get("split")} | '
@@ -183,7 +185,8 @@ def _training_lines(provenance: Dict, weights_sha256: Optional[str]) -> list:
 
 
 def _usage(info: Dict, input_size: Tuple[int, int, int], load_line: str) -> str:
-    """The usage snippet: a load line, then the family's usage with the model's real input size."""
+    """The usage snippet: imports, a load line, then the family's usage (`card_info['usage']`, which may use
+    `{channels}`, `{height}` and `{width}`) with the model's real input size."""
     default = (
         'x = torch.rand(1, {channels}, {height}, {width})  # or: transform(pil_image).unsqueeze(0)\n'
         'config = timm.data.resolve_model_data_config(model)\n'
@@ -195,6 +198,17 @@ def _usage(info: Dict, input_size: Tuple[int, int, int], load_line: str) -> str:
     for key, value in zip(('{channels}', '{height}', '{width}'), input_size):
         usage = usage.replace(key, str(value))
     return f'import torch, timm, zoo\n{load_line}\n{usage}'
+
+
+def _import_zoo_line(arch: str, pipeline_tag: str) -> str:
+    """What a user of timm or transformers must do first: transformers' own error does not say it."""
+    line = (f'`{arch}` is a zoo model: `import zoo` (`pip install zoo`) registers it with timm, and timm '
+            '(`local-dir:` / `hf-hub:`) loads a Hub folder of it only in a process that has imported zoo.')
+    if pipeline_tag in ('image-classification', 'image-feature-extraction'):
+        line += (' So does transformers (`AutoModelForImageClassification.from_pretrained`): without `import zoo` '
+                 f"it stops with \"The model architecture '{arch}' is not supported in your version of timm\", "
+                 'which no timm upgrade fixes.')
+    return line
 
 
 def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional[Tuple[float, float]] = None) -> str:
@@ -258,7 +272,8 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
     lines += _weights_lines(provenance, cfg, held, config.get('weights_sha256') if folder else None)
     for note in notes if held else ():
         lines += [f'> {note}', '']
-    lines += _results_lines(measured, list(meta.get('paper') or []), held)
+    published = held and provenance['kind'] in ('official', 'timm')
+    lines += _results_lines(measured, list(meta.get('paper') or []), published)
     lines += _training_lines(provenance, config.get('weights_sha256') if folder else None)
     if folder:
         load_line = 'model = zoo.hub.load(".")  # run from this folder; or give its path, or its Hub repo id'
@@ -272,10 +287,7 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
         _usage(info, input_size, load_line),
         '```',
         '',
-        f'`{arch}` is a zoo model: `import zoo` (`pip install zoo`) registers it with timm. timm '
-        '(`local-dir:` / `hf-hub:`) and transformers (`AutoModelForImageClassification.from_pretrained`) load '
-        'this folder only in a process that has imported zoo; without it, transformers stops with "The model '
-        f"architecture '{arch}' is not supported in your version of timm\", which no timm upgrade fixes.",
+        _import_zoo_line(arch, pipeline_tag),
         '',
     ]
     if info.get('intended_use'):

@@ -14,6 +14,7 @@ import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
 from zoo.errors import ZooError
+from zoo.metadata import weights_meta
 from zoo.registry import check_model_name
 
 
@@ -30,6 +31,7 @@ def _cmd_info(args) -> None:
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
     weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none published under this name'
+    meta = weights_meta(f'{cfg["architecture"]}.{cfg["tag"]}')
     info = {
         'name': name,
         'params_m': round(cards.count_params(model) / 1e6, 3),
@@ -41,12 +43,23 @@ def _cmd_info(args) -> None:
         'license': cfg.get('license'),
         'weights': weights,
         'pretrained_tags': [n for n in zoo.list_models(pretrained=True) if n.split('.')[0] == model.pretrained_cfg['architecture']],
+        'provenance': cards.cfg_provenance(cfg)['kind'],
+        'recipe': meta.get('recipe'),
+        'paper_results': meta.get('paper', []),
+        'measured_results': meta.get('measured', []),
     }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f'{key:>16}: {value}')
+            if key.endswith('_results'):
+                label = 'paper figure' if key == 'paper_results' else 'measured'
+                for r in value or [{'source': 'none recorded'}]:
+                    where = r.get('source') or r.get('by') or 'zoo'
+                    figures = ', '.join(f'{k} {v}' for k, v in r.get('metrics', {}).items())
+                    print(f'{label:>16}: {figures} ({r.get("dataset")}, {where})' if figures else f'{label:>16}: none')
+            else:
+                print(f'{key:>16}: {value}')
 
 
 def _label_names(model) -> Optional[List[str]]:

@@ -271,11 +271,14 @@ def build_zoo_model(
 
 
 def random_provenance(model_kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """`random`, naming the pretrained encoder of a dense model built with `pretrained_encoder=True`."""
+    """`random`, naming the pretrained encoder of a dense model built with `pretrained_encoder=True` (or
+    `pretrained_backbones=True`)."""
     provenance = {'kind': 'random'}
     if model_kwargs.get('pretrained_encoder'):
         encoder = model_kwargs.get('encoder')
         provenance['encoder'] = f'timm {encoder} weights' if isinstance(encoder, str) else "timm's ImageNet weights"
+    if model_kwargs.get('pretrained_backbones'):
+        provenance['encoder'] = "timm's ImageNet classifiers, for the encoder and the decoder"
     return provenance
 
 
