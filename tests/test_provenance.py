@@ -23,17 +23,9 @@ import zoo
 from zoo import hub, trainer
 from zoo.errors import CheckpointError, WeightsUnavailableError
 from zoo.models import hnerv, spartan
-from official_layout import load_manifest, to_official_layout
+from official_layout import load_manifest, quantized_bunny_release, to_official_layout
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -272,12 +264,7 @@ def test_hub_weights_offline_say_what_to_do(hub, monkeypatch):
 
 
 def test_bunny_release_loads_from_a_local_file_offline(tmp_path, monkeypatch, no_network):
-    manifest = load_manifest('hnerv', 'hnerv_bunny_1_5m')
-    release = {'embed': {'quant': torch.randint(0, 256, (132, 16, 2, 4), dtype=torch.uint8),
-                         'min': torch.zeros(1, 16, 2, 4).half(), 'scale': torch.full((1, 16, 2, 4), 0.01).half()},
-               'model': {k: {'quant': torch.full(shape, 3, dtype=torch.uint8), 'min': torch.tensor(-0.5),
-                             'scale': torch.tensor(0.25)}
-                         for k, shape in manifest['state_dict'].items() if not k.startswith('encoder.')}}
+    release = quantized_bunny_release(load_manifest('hnerv', 'hnerv_bunny_1_5m'))
     path = tmp_path / 'quant_vid.pth'
     torch.save(release, path)
     with pytest.raises(CheckpointError, match='has sha256'):  # not the published file: its recorded sha256 differs

@@ -367,16 +367,21 @@ def _hub_file(location: str, filename: str, revision: Optional[str], cache_dir: 
                                    'hf_hub_id': repo_id, 'hf_hub_filename': filename}, e) from e
 
 
+def _folder_file(location: Union[str, Path], filename: str, revision: Optional[str],
+                 cache_dir: Optional[str]) -> Path:
+    """`filename` of a Hub folder: in a local directory, or downloaded from a Hub repo id."""
+    path = Path(location)
+    if not path.is_dir():
+        return _hub_file(str(location), filename, revision, cache_dir)
+    if not (path / filename).is_file():
+        raise FileNotFoundError(f'{path} is not a zoo Hub folder: {filename} is missing')
+    return path / filename
+
+
 def read_folder_config(location: Union[str, Path], revision: Optional[str] = None,
                        cache_dir: Optional[str] = None) -> Dict[str, Any]:
     """config.json of a Hub folder: a local directory, or a Hub repo id (`repo@revision` allowed)."""
-    path = Path(location)
-    if path.is_dir():
-        config_path = path / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f'{path} is not a zoo Hub folder: {CONFIG_NAME} is missing')
-    else:
-        config_path = _hub_file(str(location), CONFIG_NAME, revision, cache_dir)
+    config_path = _folder_file(location, CONFIG_NAME, revision, cache_dir)
     try:
         config = json.loads(config_path.read_text())
     except ValueError as e:
@@ -390,13 +395,7 @@ def read_folder_weights(location: Union[str, Path], config: Dict[str, Any], revi
                         cache_dir: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """model.safetensors of a Hub folder, read once and checked against config.json's `weights_sha256` (when it
     records one) before any tensor is made from it."""
-    path = Path(location)
-    if path.is_dir():
-        weights_path = path / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise FileNotFoundError(f'{path} is not a zoo Hub folder: {WEIGHTS_NAME} is missing')
-    else:
-        weights_path = _hub_file(str(location), WEIGHTS_NAME, revision, cache_dir)
+    weights_path = _folder_file(location, WEIGHTS_NAME, revision, cache_dir)
     data = weights_path.read_bytes()
     check_weights_sha256(data, config.get('weights_sha256'), weights_path)
     try:
@@ -578,9 +577,7 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
             f'{name_or_path}: config.json describes architecture {arch!r}, which is not registered with timm: {e}. '
             'If it is a zoo model, `import zoo` first; otherwise import the package that registers it') from e
     state_dict = read_folder_weights(name_or_path, config, revision=revision)
-    folder = Path(name_or_path)
-    if not folder.is_dir():
-        folder = Path(hf_hub_download(hf_split(str(name_or_path))[0], CONFIG_NAME, revision=revision)).parent
+    folder = _folder_file(name_or_path, CONFIG_NAME, revision, None).parent  # a Hub repo's: its HF cache snapshot
     model = timm.create_model(f'local-dir:{folder}', pretrained=False, **kwargs)
     load_state_dict_strict(model, state_dict, source=f'{name_or_path} ({WEIGHTS_NAME})')
     record_weights(model, config.get('provenance') or {'kind': 'unknown'}, config.get('results'))
