@@ -18,6 +18,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from huggingface_hub import ModelCard
 
 import zoo
 from zoo import hub, trainer
@@ -127,7 +128,8 @@ def test_fine_tuned_model_says_from_what(tmp_path, monkeypatch, no_network):
     assert '**Fine-tuned** from the authors\' official weights `.in1k`' in card
     (result,) = config['results']
     assert result['metrics'] == {'top1': 0.5, 'loss': 1.25} and result['weights_sha256'] == config['weights_sha256']
-    assert 'model-index:' in card and 'value: 0.5' in card
+    (index,) = ModelCard(card).data.eval_results[:1]  # the Hub's own parser reads the model-index block
+    assert index.metric_type == 'top1' and index.metric_value == 0.5 and index.dataset_name == '/data/pets'
     namespace = run_usage(folder, monkeypatch)
     assert namespace['top5'].values.shape == (1, 5)
 
@@ -275,6 +277,13 @@ def test_bunny_release_loads_from_a_local_file_offline(tmp_path, monkeypatch, no
     assert model.zoo_weights['provenance']['kind'] == 'official'
     with pytest.raises(WeightsUnavailableError, match='does not exist'):
         timm.create_model('hnerv_1_5m.bunny', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope')))
+
+    # converted outside timm (zoo.convert, `zoo convert`): the file's sha256 names the release it is
+    converted, _ = hnerv.load_quantized_release(path)
+    provenance = converted.zoo_weights['provenance']
+    assert provenance['release'] == 'hnerv_1_5m.bunny' and provenance['file_sha256'] == hub.sha256_file(path)
+    config, card = read(hub.save_pretrained(converted, tmp_path / 'bunny'))
+    assert config['pretrained_cfg']['tag'] == 'bunny' and 'the published `hnerv_1_5m.bunny` release' in card
 
 
 def test_predict_without_published_weights_fails_at_once(tmp_path, capsys):

@@ -1,10 +1,12 @@
 """Model cards, generated from each model's metadata.
 
-The facts come from three places: the pretrained cfg (paper, license, origin, how the weights were
-made), the family module's `card_info` (intended use, limitations, the paper's table row for each
-variant) and the model itself (parameters, GMACs counted on the meta device at the cfg's input size).
-`model_cards/<name.tag>.md` holds one card per pretrained cfg of every zoo model (published weights, and
-the `untrained` cfgs of models no one has published weights for); a test keeps them in sync.
+The facts come from four places: the pretrained cfg (paper, license, origin) with its structured metadata
+(`zoo.metadata`: params, GMACs, paper figures, measured figures, recipe), the record of what the weights are
+(a folder's config.json: `provenance`, `weights_sha256`, `results`; for a registry name, what
+`pretrained=True` loads), the family module's `card_info` (intended use, limitations, the paper's table row
+for each variant, a usage snippet) and the model itself (parameters, GMACs counted on the meta device at
+its input size). `model_cards/<name.tag>.md` holds one card per pretrained cfg of every zoo model (published
+weights, and the `untrained` cfgs of models no one has published weights for); a test keeps them in sync.
 """
 import copy
 import json
@@ -155,11 +157,11 @@ def _model_index(name: str, pipeline_tag: str, results: list) -> list:
     """The Hub's `model-index` block (front matter) for measured results."""
     entries = []
     for r in results:
+        by = f'measured by {r["by"]}' if r.get('by') else 'measured with the zoo'
         entries.append({
             'task': {'type': r.get('task') or pipeline_tag},
             'dataset': {'name': str(r.get('dataset')), 'type': str(r.get('dataset')), 'split': str(r.get('split'))},
-            'metrics': [{'type': k, 'value': v, 'name': k} for k, v in (r.get('metrics') or {}).items()],
-            'source': {'name': 'measured with the zoo' if not r.get('by') else f'measured by {r["by"]}'},
+            'metrics': [{'type': k, 'value': v, 'name': f'{k} ({by})'} for k, v in (r.get('metrics') or {}).items()],
         })
     return [{'name': name, 'results': entries}] if entries else []
 

@@ -314,7 +314,7 @@ def mark_official(model: nn.Module, path: Optional[Union[str, Path]] = None,
     provenance = {'kind': 'official', 'file': Path(path).name, 'source': 'a local file', 'file_sha256': sha}
     release = [name for name, digest in (releases or {}).items() if digest == sha]
     if release:
-        provenance['release'] = release[0]
+        provenance.update(release=release[0], tag=release[0].split('.', 1)[1])
     return record_weights(model, provenance)
 
 
