@@ -16,7 +16,8 @@ from tqdm import tqdm
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
-from zoo.errors import InputError, WeightsUnavailableError, ZooError
+from zoo.errors import InputError, ZooError
+from zoo.metadata import weights_meta
 from zoo.registry import check_model_name
 
 
@@ -33,6 +34,7 @@ def _cmd_info(args) -> None:
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
     weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none published under this name'
+    meta = weights_meta(f'{cfg["architecture"]}.{cfg["tag"]}')
     info = {
         'name': name,
         'params_m': round(cards.count_params(model) / 1e6, 3),
@@ -44,12 +46,23 @@ def _cmd_info(args) -> None:
         'license': cfg.get('license'),
         'weights': weights,
         'pretrained_tags': [n for n in zoo.list_models(pretrained=True) if n.split('.')[0] == model.pretrained_cfg['architecture']],
+        'provenance': cards.cfg_provenance(cfg)['kind'],
+        'recipe': meta.get('recipe'),
+        'paper_results': meta.get('paper', []),
+        'measured_results': meta.get('measured', []),
     }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f'{key:>16}: {value}')
+            if key.endswith('_results'):
+                label = 'paper figure' if key == 'paper_results' else 'measured'
+                for r in value or [{'source': 'none recorded'}]:
+                    where = r.get('source') or r.get('by') or 'zoo'
+                    figures = ', '.join(f'{k} {v}' for k, v in r.get('metrics', {}).items())
+                    print(f'{label:>16}: {figures} ({r.get("dataset")}, {where})' if figures else f'{label:>16}: none')
+            else:
+                print(f'{key:>16}: {value}')
 
 
 def _label_names(model) -> Optional[List[str]]:
@@ -72,16 +85,6 @@ def _read_image(image_path):
         raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
 
 
-def _create_pretrained(name: str, random: bool = False) -> torch.nn.Module:
-    """`zoo.create_model(name, pretrained=not random)`, refused by name when no weights are published for it."""
-    cfg = None if random else timm.models.get_pretrained_cfg(registry_name(name))
-    if cfg is not None and not cfg.has_weights:
-        raise WeightsUnavailableError(
-            f'{name} has no published weights (`zoo list --pretrained` lists those that have); '
-            'add --random to try it with random weights')
-    return zoo.create_model(name, pretrained=not random)
-
-
 def _cmd_predict(args) -> None:
     if args.top_k < 1:
         raise InputError(f'--top-k must be at least 1, got {args.top_k}')
@@ -89,7 +92,9 @@ def _cmd_predict(args) -> None:
     if source.is_dir():
         model = hub.load(source)
     else:
-        model = _create_pretrained(args.name, args.random).eval()
+        if not args.random:
+            hub.require_published_weights(args.name)
+        model = zoo.create_model(args.name, pretrained=not args.random).eval()
     if getattr(model, 'task', 'classification') != 'classification':
         from zoo.tasks import save_prediction
 
@@ -124,6 +129,7 @@ def _cmd_convert(args) -> None:
     model = zoo.create_model(model_name, **kwargs)
     state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
     hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
+    hub.mark_official(model, args.checkpoint, getattr(module, 'WEIGHT_SHA256', None))
     out = hub.save_pretrained(model.eval(), args.out)
     print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
 
@@ -156,6 +162,8 @@ def _cmd_compress(args) -> None:
     from zoo.tasks import video
 
     source = Path(args.model)
+    if not source.is_dir():
+        hub.require_published_weights(args.model)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.model, pretrained=True)
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)

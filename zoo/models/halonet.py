@@ -28,11 +28,12 @@ from timm.layers import (
 )
 from timm.layers.halo_attn import PosEmbedRel
 from timm.models import (
-    checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function, register_notrace_module,
+    checkpoint_seq, register_model, register_notrace_function, register_notrace_module,
 )
 from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['HaloNet', 'HaloAttention']
 
@@ -532,9 +533,18 @@ _H7_NOTE = (
     'the output (pad_to_block=True). How the paper handled it is not known.'
 )
 
-default_cfgs = generate_default_cfgs({
+# Params (M) and GMACs at each model's image size, and the paper's ImageNet-1k top-1 (%) from its model table.
+_META = {
+    'halonet_h0': (5.5, 2.31, 77.9), 'halonet_h1': (8.1, 2.94, 79.9), 'halonet_h2': (9.4, 3.26, 80.4),
+    'halonet_h3': (11.84, 6.08, 81.9), 'halonet_h4': (19.1, 11.86, 83.3), 'halonet_h5': (30.72, 31.96, 84.0),
+    'halonet_h6': (43.46, 52.45, 84.4), 'halonet_h7': (67.43, 110.16, 84.9),
+}
+
+default_cfgs = zoo_cfgs({
     f'{name}.untrained': _cfg(
         arch['img_size'], arch['block_size'],
+        meta=dict(params_m=_META[name][0], gmacs=_META[name][1], recipe=f'training/recipes/{name}.yaml',
+                  paper=[paper('ImageNet-1k', 'arXiv:2103.12731 model table', top1=_META[name][2])]),
         **(dict(min_input_size=(3, 32, 32), notes=(_H7_NOTE,)) if arch.get('pad_to_block') else {}),
     )
     for name, arch in _ARCHS.items()
