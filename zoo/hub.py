@@ -680,7 +680,7 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
     arch = config.get('architecture')
     if not isinstance(arch, str) or not isinstance(config.get('model_args', {}), dict):
         raise CheckpointError(
-            f'{name_or_path}: config.json is not a timm config.json (no readable "architecture", or "model_args" '
+            f'{Path(name_or_path) / CONFIG_NAME} is not a timm config.json (no readable "architecture", or "model_args" '
             'that is not an object)')
     try:
         check_model_name(arch)
@@ -693,7 +693,7 @@ def load(name_or_path: Union[str, Path], revision: Optional[str] = None, **kwarg
     try:
         model = timm.create_model(f'local-dir:{folder}', pretrained=False, **kwargs)
     except TypeError as e:  # a constructor argument the architecture does not take
-        raise CheckpointError(f'{name_or_path}: its model_args do not fit {arch} ({e})') from e
+        raise CheckpointError(f'{Path(name_or_path) / CONFIG_NAME}: its model_args do not fit {arch} ({e})') from e
     load_state_dict_strict(model, state_dict, source=f'{name_or_path} ({WEIGHTS_NAME})')
     record_weights(model, config.get('provenance') or {'kind': 'unknown'}, config.get('results'))
     return model.eval()
