@@ -42,6 +42,7 @@ CHECKPOINT_PREFIX, STAGING_PREFIX = 'step_', '.staging-'
 CHECKPOINT_FORMAT = 'zoo-checkpoint/1'
 MANIFEST_NAME, TRAINER_STATE_NAME, EMA_NAME = 'manifest.json', 'trainer_state.json', 'ema.safetensors'
 RNG_STATE_NAME = 'random_states_{}.safetensors'
+PICKLE_SUFFIXES = ('.bin', '.pkl', '.pt', '.pth')
 
 # Each task is a module (or `module:attribute`) with datasets(), make_loss(), evaluate() and optionally
 # model_kwargs() (model arguments that depend on the data) and report() (what to show after saving).
@@ -270,7 +271,7 @@ def _check_state_file(path: Path) -> None:
         elif path.suffix == '.safetensors':
             with safetensors.safe_open(path, framework='pt'):
                 pass
-        else:  # accelerate's pickles (optimizer, scaler, sampler); mmap reads only the pickle, not the tensors
+        elif path.suffix in PICKLE_SUFFIXES:  # accelerate's (optimizer, scaler, sampler); mmap reads only the pickle
             torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:  # json, safetensors and the weights_only unpickler each raise their own kinds
         raise CheckpointError(f'{path} cannot be read safely ({type(e).__name__}: {e}); the zoo unpickles '
