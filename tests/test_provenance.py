@@ -125,7 +125,7 @@ def test_fine_tuned_model_says_from_what(tmp_path, monkeypatch, no_network):
     provenance = config['provenance']
     assert provenance['kind'] == 'fine-tuned' and provenance['from']['file_sha256'] == hub.sha256_file(path)
     assert provenance['data'] == '/data/pets' and provenance['metrics'] == {'top1': 0.5, 'loss': 1.25}
-    assert f"**Fine-tuned** from the authors' checkpoint `{path.name}` from a local file, sha256" in card
+    assert f"**Fine-tuned** from the authors' checkpoint `{path.name}` from `{path}`, sha256" in card
     (result,) = config['results']
     assert result['metrics'] == {'top1': 0.5, 'loss': 1.25} and result['weights_sha256'] == config['weights_sha256']
     (index,) = ModelCard(card).data.eval_results[:1]  # the Hub's own parser reads the model-index block
