@@ -125,7 +125,7 @@ def test_fine_tuned_model_says_from_what(tmp_path, monkeypatch, no_network):
     provenance = config['provenance']
     assert provenance['kind'] == 'fine-tuned' and provenance['from']['file_sha256'] == hub.sha256_file(path)
     assert provenance['data'] == '/data/pets' and provenance['metrics'] == {'top1': 0.5, 'loss': 1.25}
-    assert '**Fine-tuned** from the authors\' official weights `.in1k`' in card
+    assert f"**Fine-tuned** from the authors' checkpoint `{path.name}` from `{path}`, sha256" in card
     (result,) = config['results']
     assert result['metrics'] == {'top1': 0.5, 'loss': 1.25} and result['weights_sha256'] == config['weights_sha256']
     (index,) = ModelCard(card).data.eval_results[:1]  # the Hub's own parser reads the model-index block
@@ -263,6 +263,8 @@ def test_hub_weights_offline_say_what_to_do(hub, monkeypatch):
     monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
     with pytest.raises(WeightsUnavailableError, match=r'timm/convit_tiny\.fb_in1k.*pretrained_cfg_overlay=dict\(file='):
         timm.create_model('convit_tiny.fb_in1k', pretrained=True)
+    with pytest.raises(WeightsUnavailableError, match='pretrained encoder weights of macmd_pvt_v2_b2'):
+        timm.create_model('macmd_pvt_v2_b2', pretrained=True)  # the encoder is fetched by timm, inside the model
 
 
 def test_bunny_release_loads_from_a_local_file_offline(tmp_path, monkeypatch, no_network):

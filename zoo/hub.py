@@ -123,14 +123,18 @@ def weights_location(pretrained_cfg: Dict[str, Any]) -> str:
     return str(pretrained_cfg.get('url') or 'nowhere (no weights are declared)')
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def weights_unavailable(pretrained_cfg: Dict[str, Any], error: BaseException) -> WeightsUnavailableError:
     """The error for weights that could not be fetched: which file, where it was looked for, and the way round."""
     name = f'{pretrained_cfg.get("architecture")}.{pretrained_cfg.get("tag")}'
     filename = (pretrained_cfg.get('hf_hub_filename') or Path(str(pretrained_cfg.get('url') or '')).name
                 or ('model.safetensors' if pretrained_cfg.get('hf_hub_id') else 'the weight file'))
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return WeightsUnavailableError(
-        f'could not fetch the weights of {name} ({filename}) from {weights_location(pretrained_cfg)}: {reason}. '
+        f'could not fetch the weights of {name} ({filename}) from {weights_location(pretrained_cfg)}: '
+        f'{_first_line(error)}. '
         f'Download {filename} by hand and pass it with pretrained_cfg_overlay=dict(file="path/to/{filename}"), '
         'or with HF_HUB_OFFLINE=1 use what the Hugging Face cache already holds; `--random` tries the zoo CLI '
         'without weights')
@@ -262,7 +266,12 @@ def build_zoo_model(
     try:
         model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     except FETCH_ERRORS as e:
-        raise weights_unavailable(pretrained_cfg.to_dict(), e) from e
+        if pretrained:
+            raise weights_unavailable(pretrained_cfg.to_dict(), e) from e
+        raise WeightsUnavailableError(  # a dense model's pretrained encoder, fetched by timm inside the constructor
+            f'could not fetch the pretrained encoder weights of {variant} through timm: {_first_line(e)}. Fetch them '
+            'once online (then HF_HUB_OFFLINE=1 uses the cache), or build without them (--random, '
+            'pretrained=False)') from e
     if state_dict is not None:
         model.pretrained_cfg.pop('state_dict', None)
         model.pretrained_cfg['source'] = source
