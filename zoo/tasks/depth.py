@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.tasks import predict_padded
+
 __all__ = [
-    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'colorize_depth', 'depth_metrics', 'eval_mask', 'image_to_tensor',
+    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'depth_metrics', 'eval_mask', 'image_to_tensor',
     'kitti_benchmark_crop', 'save_depth_picture', 'save_normals_picture',
 ]
 
@@ -173,8 +175,7 @@ def image_to_tensor(model: nn.Module, image) -> torch.Tensor:
 
 
 def _predict(model: nn.Module, image) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(image_to_tensor(model, image))[0].float().cpu()
+    return predict_padded(model, image_to_tensor(model, image))[0]
 
 
 def _write_png(rgb: np.ndarray, out_path: Union[str, Path]) -> Path:
@@ -186,19 +187,24 @@ def _write_png(rgb: np.ndarray, out_path: Union[str, Path]) -> Path:
     return write_atomically(out_path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))
 
 
-def colorize_depth(depth: np.ndarray, cmap: str = 'magma_r') -> np.ndarray:
-    """(H, W) depth -> (H, W, 3) uint8, near bright and far dark, scaled between the 2nd and 98th percentiles."""
-    from matplotlib import colormaps
-
-    lo, hi = np.percentile(depth, (2, 98))
-    scaled = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
-    return (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
-
-
 def save_depth_picture(model: nn.Module, image, out_path: Union[str, Path]) -> Path:
-    """Predict depth for a PIL `image` and write it, colourised, as a PNG of the image's size at `out_path`."""
+    """Predict depth for a PIL `image` and write it at `out_path` as a PNG with a colour bar in metres: the map
+    at the image's own size (shown at least 256 px tall), near bright and far dark, the colours spread over the
+    2nd to 98th percentile of the depths."""
+    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
+
+    from zoo.hub import write_atomically
+
     depth = _predict(model, image)[0].numpy()
-    return _write_png(colorize_depth(depth), out_path)
+    lo, hi = np.percentile(depth, (2, 98))
+    height, width = depth.shape
+    scale = max(1., 256 / height) / 100  # inches per pixel at 100 dpi
+    fig = Figure(figsize=(width * scale + 1.4, height * scale + 0.2), dpi=100, layout='constrained')
+    ax = fig.add_subplot()
+    shown = ax.imshow(depth, cmap='magma_r', vmin=lo, vmax=max(hi, lo + 1e-6), interpolation='nearest')
+    ax.set_axis_off()
+    fig.colorbar(shown, ax=ax, extend='both', label='depth (m)')
+    return write_atomically(out_path, lambda f: fig.savefig(f, format='png'))
 
 
 def save_normals_picture(model: nn.Module, image, out_path: Union[str, Path]) -> Path:

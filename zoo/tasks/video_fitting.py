@@ -20,7 +20,6 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from zoo.hub import write_atomically
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
@@ -178,12 +177,27 @@ def decode_speed(model: torch.nn.Module, embeddings: torch.Tensor, repeats: int 
 
 
 def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, columns: int = 4) -> Path:
-    """A PNG with `columns` frames spread over the video: originals on top, decoded frames below."""
-    picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long()
-    rows = [torch.cat(list(frames[picks]), dim=-1) for frames in (original, decoded)]
-    grid = torch.cat(rows, dim=-2).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    write_atomically(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
-    return path
+    """A PNG with `columns` frames spread over the video, each row labelled: the original frames on top, the
+    frames decoded from the bitstream below, with each frame's number and PSNR."""
+    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
+
+    picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long().tolist()
+    height, width = original.shape[-2:]
+    scale = max(1., 128 / height) / 100  # inches per pixel at 100 dpi
+    fig = Figure(figsize=(len(picks) * width * scale + 0.4, 2 * height * scale + 0.8), dpi=100, layout='constrained')
+    axes = fig.subplots(2, len(picks), squeeze=False)
+    for column, index in enumerate(picks):
+        for row, frames in enumerate((original, decoded)):
+            ax = axes[row, column]
+            ax.imshow(frames[index].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, column].set_title(f'frame {index}', fontsize='small')
+        axes[1, column].set_xlabel(f'PSNR {psnr(decoded[index:index + 1], original[index:index + 1]).item():.1f} dB',
+                                   fontsize='small')
+    axes[0, 0].set_ylabel('original')
+    axes[1, 0].set_ylabel('decoded')
+    return write_atomically(path, lambda f: fig.savefig(f, format='png'))
 
 
 def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics: Dict[str, Any],
@@ -224,5 +238,5 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  PSNR          {compressed["psnr"]:.2f} dB decoded from the bitstream'
           + (f', MS-SSIM {compressed["ms_ssim"]:.4f}' if compressed['ms_ssim'] is not None else ''))
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
-    print(f'  side by side  {picture} (top: original, bottom: decoded from the bitstream)')
+    print(f'  side by side  {picture} (original frames over those decoded from the bitstream)')
     return summary
