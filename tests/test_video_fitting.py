@@ -51,7 +51,7 @@ def test_main_job_shortened(tmp_path):
     assert clip.shape == (4, 3, 48, 96)
     picture = Image.open(out / 'side_by_side.png')
     assert picture.size[0] > 4 * 96 and picture.size[1] > 2 * 48  # four frames, two labelled rows
-    assert report['bpp'] == pytest.approx((out / 'video.zoo').stat().st_size * 8 / (4 * 48 * 96))
+    assert report['bpp'] == pytest.approx((out / 'video.zvid').stat().st_size * 8 / (4 * 48 * 96))
 
     model = timm.create_model(f'local-dir:{out / "model"}', pretrained=True).eval()
     with torch.no_grad():

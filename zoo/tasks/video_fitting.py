@@ -212,7 +212,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
             embeddings = model.encode(index=torch.arange(len(frames)))
     reloaded = _quality(torch.cat([model.decode(e) for e in embeddings.split(4)]).float(), frames)
     fps = decode_speed(model, embeddings)
-    bitstream = output_dir / 'video.zoo'
+    bitstream = output_dir / 'video.zvid'
     compressed = compress(model, bitstream, frames=frames, embeddings=embeddings if model.stored_embeddings else None)
     decoded = decode_video(bitstream)
     picture = side_by_side(frames, decoded, output_dir / 'side_by_side.png')
