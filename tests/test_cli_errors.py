@@ -181,3 +181,10 @@ def test_output_into_a_closed_pipe_ends_quietly():
     proc.stdout.close()  # nobody reads: every write the command makes meets a broken pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 141 and err == ''
+
+
+def test_import_zoo_leaves_matplotlib_to_the_pictures():
+    code = 'import sys, zoo, zoo.cli, zoo.tasks.depth, zoo.tasks.segmentation; print("matplotlib" in sys.modules)'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.stdout.strip() == 'False', result.stderr

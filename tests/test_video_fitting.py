@@ -68,7 +68,12 @@ def test_side_by_side_labels_its_rows_and_frames(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
     labels, set_ylabel = [], Axes.set_ylabel
-    monkeypatch.setattr(Axes, 'set_ylabel', lambda self, label, **k: labels.append(label) or set_ylabel(self, label, **k))
+
+    def spy(self, label, **kwargs):
+        labels.append(label)
+        return set_ylabel(self, label, **kwargs)
+
+    monkeypatch.setattr(Axes, 'set_ylabel', spy)
     frames = torch.rand(6, 3, 24, 32)
     path = side_by_side(frames, frames.flip(0), tmp_path / 'side_by_side.png', columns=3)
     assert labels == ['original', 'decoded']
