@@ -151,7 +151,7 @@ def test_normals_picture(tmp_path):
     assert model.task == 'normals'
     out = save_prediction(model, _image(), tmp_path / 'room.jpg')
     assert out.name == 'room.normals.png'
-    assert np.asarray(Image.open(out)).shape == (40, 56, 3)
+    assert np.asarray(Image.open(out)).shape[0] > 256  # the map shown 256 px tall, its colour key below
     assert save_normals_picture(model, _image(32, 32), tmp_path / 'n.png').is_file()
 
 

@@ -10,6 +10,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from zoo.hub import write_atomically
+
 # Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
 DENSE_STRIDE = 32
 
@@ -35,6 +37,20 @@ def predict_padded(model, x: torch.Tensor) -> torch.Tensor:
     padded_height, padded_width = padded_size(height, width)
     x = F.pad(x, (0, padded_width - width, 0, padded_height - height), mode='replicate')
     return model.eval()(x)[..., :height, :width].float().cpu()
+
+
+def figure(height: int, width: int, extra_width: float = 0.2, extra_height: float = 0.2):
+    """A matplotlib Figure for an (height, width) picture, shown at least 256 px tall at its aspect, with
+    `extra_width` / `extra_height` inches for its key (colour bar, legend, labels)."""
+    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
+
+    scale = max(1., 256 / height) / 100  # inches per pixel at 100 dpi
+    return Figure(figsize=(width * scale + extra_width, height * scale + extra_height), dpi=100, layout='constrained')
+
+
+def save_figure(fig, path) -> Path:
+    """Write a Figure as PNG, atomically (a failure leaves any old file in place)."""
+    return write_atomically(path, lambda f: fig.savefig(f, format='png'))
 
 
 def save_prediction(model, image, image_path: Path) -> Path:

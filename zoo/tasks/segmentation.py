@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from zoo.hub import write_atomically
-from zoo.tasks import predict_padded
+from zoo.tasks import figure, predict_padded, save_figure
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -215,8 +214,7 @@ def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str,
     The model's `background_class` (0 unless it says otherwise) is left uncoloured and out of the legend. The
     PNG is written beside `out_path` first and moved into place, so a failure never leaves half a file.
     """
-    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Patch  # slow to import and needed only to draw: `import zoo` never loads it
 
     background = getattr(model, 'background_class', 0)
     mask = predict_mask(model, image)
@@ -224,11 +222,10 @@ def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str,
     present = [int(i) for i in np.unique(mask) if i != background]
     legend = [Patch(color=class_colour(i, background) / 255, label=names[i] if i < len(names) else f'class {i}')
               for i in present]
-    scale = max(1., 256 / image.height) / 100  # inches per pixel at 100 dpi
-    fig = Figure(figsize=(image.width * scale + 1.8, image.height * scale + 0.2), dpi=100, layout='constrained')
+    fig = figure(image.height, image.width, extra_width=1.8)
     ax = fig.add_subplot()
     ax.imshow(overlay_mask(image, mask, background=background), interpolation='nearest')
     ax.set_axis_off()
     fig.legend(handles=legend or [Patch(color='none', label='no class found')], loc='outside right upper',
                fontsize='small', frameon=False)
-    return write_atomically(Path(out_path), lambda f: fig.savefig(f, format='png'))
+    return save_figure(fig, Path(out_path))

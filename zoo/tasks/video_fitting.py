@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.hub import write_atomically
+from zoo.tasks import figure, save_figure
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
@@ -179,12 +180,9 @@ def decode_speed(model: torch.nn.Module, embeddings: torch.Tensor, repeats: int 
 def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, columns: int = 4) -> Path:
     """A PNG with `columns` frames spread over the video, each row labelled: the original frames on top, the
     frames decoded from the bitstream below, with each frame's number and PSNR."""
-    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
-
     picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long().tolist()
     height, width = original.shape[-2:]
-    scale = max(1., 128 / height) / 100  # inches per pixel at 100 dpi
-    fig = Figure(figsize=(len(picks) * width * scale + 0.4, 2 * height * scale + 0.8), dpi=100, layout='constrained')
+    fig = figure(2 * height, len(picks) * width, extra_width=0.4, extra_height=0.8)
     axes = fig.subplots(2, len(picks), squeeze=False)
     for column, index in enumerate(picks):
         for row, frames in enumerate((original, decoded)):
@@ -197,7 +195,7 @@ def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, colu
                                    fontsize='small')
     axes[0, 0].set_ylabel('original')
     axes[1, 0].set_ylabel('decoded')
-    return write_atomically(path, lambda f: fig.savefig(f, format='png'))
+    return save_figure(fig, path)
 
 
 def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics: Dict[str, Any],
