@@ -35,3 +35,13 @@ def to_official_layout(zoo_state_dict: Dict[str, torch.Tensor], model, filter_fn
         official_key: zoo_state_dict[zoo_key].reshape(placeholders[official_key].shape).clone()
         for official_key, zoo_key in zip(placeholders, zoo_keys)
     }
+
+
+def quantized_bunny_release(manifest: Dict) -> Dict:
+    """A quant_vid.pth-shaped release for the full Bunny model: every decoder weight dequantizes to
+    -0.5 + 0.25 * 3 = 0.25, the 132 embeddings to 0.01 * a random uint8."""
+    return {'embed': {'quant': torch.randint(0, 256, (132, 16, 2, 4), dtype=torch.uint8),
+                      'min': torch.zeros(1, 16, 2, 4).half(), 'scale': torch.full((1, 16, 2, 4), 0.01).half()},
+            'model': {k: {'quant': torch.full(shape, 3, dtype=torch.uint8), 'min': torch.tensor(-0.5),
+                          'scale': torch.tensor(0.25)}
+                      for k, shape in manifest['state_dict'].items() if not k.startswith('encoder.')}}

@@ -253,3 +253,14 @@ def test_cfgs_declare_no_weights_and_cards_cover_every_variant():
         assert not cfg.get('hf_hub_id') and not cfg.get('url')
         assert cfg['paper_ids'] == 'arXiv:2103.12731'
     assert timm.list_pretrained('halonet_h*') == []
+
+
+def test_inference_in_chunks_of_blocks_matches_all_blocks_at_once(monkeypatch):
+    """Without gradients, large inputs are attended a chunk of blocks at a time (bounded memory): same output."""
+    torch.manual_seed(0)
+    attn = HaloAttention(16, 16, 32, num_heads=2, block_size=4, halo_size=1).eval()
+    x = torch.randn(2, 16, 16, 20)
+    expected = attn(x).detach()  # gradients enabled: all 20 blocks at once
+    monkeypatch.setattr(halonet, '_INFERENCE_CHUNK_ELEMENTS', 3 * 2 * 2 * 16 * 36)  # 3 blocks per chunk
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)

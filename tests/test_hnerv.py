@@ -11,7 +11,7 @@ from zoo.convert import from_official
 from zoo.hub import CheckpointError, sha256_file
 from zoo.models import hnerv
 
-from official_layout import load_manifest, placeholder_state_dict, to_official_layout
+from official_layout import load_manifest, placeholder_state_dict, quantized_bunny_release, to_official_layout
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'hnerv'
 BUNNY_SIZES = {'hnerv_0_35m': (0.35, 32), 'hnerv_0_75m': (0.75, 48), 'hnerv_1_5m': (1.5, 68), 'hnerv_3m': (3, 97)}
@@ -226,12 +226,7 @@ def test_a_release_saved_as_a_hub_folder_keeps_its_embeddings(tmp_path):
 def test_pretrained_bunny_loads_the_release_through_the_hub(tmp_path, monkeypatch):
     with torch.device('meta'):
         full = timm.create_model('hnerv_1_5m')
-    manifest = load_manifest('hnerv', 'hnerv_bunny_1_5m')
-    release = {'embed': {'quant': torch.randint(0, 256, (132, 16, 2, 4), dtype=torch.uint8),
-                         'min': torch.zeros(1, 16, 2, 4).half(), 'scale': torch.full((1, 16, 2, 4), 0.01).half()},
-               'model': {k: {'quant': torch.full(shape, 3, dtype=torch.uint8), 'min': torch.tensor(-0.5),
-                             'scale': torch.tensor(0.25)}
-                         for k, shape in manifest['state_dict'].items() if not k.startswith('encoder.')}}
+    release = quantized_bunny_release(load_manifest('hnerv', 'hnerv_bunny_1_5m'))
     path = tmp_path / 'quant_vid.pth'
     torch.save(release, path)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'cache'))

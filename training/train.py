@@ -4,6 +4,7 @@
     accelerate launch --num_processes 8 training/train.py --recipe ... train.lr=2e-3   # KEY=VALUE overrides
     accelerate launch --config_file training/accelerate/fsdp.yaml training/train.py --recipe ...
     accelerate launch training/train.py --recipe ... --resume                           # continue the last run
+    accelerate launch --quiet training/train.py ...   # an error as one line, without the launcher's traceback
 
 The loop, the tasks and the checkpointing live in `zoo.trainer`; this file is only the command line.
 """
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import zoo
-from zoo import trainer
+from zoo import hub, trainer
 
 
 def main(argv=None) -> int:
@@ -21,7 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument('--recipe', required=True, type=Path, help='training/recipes/<model>.yaml')
     parser.add_argument('--data', help='dataset location, overriding the recipe (image folder, video file, frame folder)')
     parser.add_argument('--output-dir', type=Path, help='default: runs/<recipe name>')
-    parser.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --output-dir')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue from the newest complete checkpoint in --output-dir')
+    parser.add_argument('--skip-damaged-checkpoints', action='store_true',
+                        help='with --resume, pass over checkpoints whose files fail their manifest (else an error)')
     parser.add_argument('--exit-after-steps', type=int,
                         help='save a checkpoint and stop after this many optimizer steps (for time-limited slots)')
     parser.add_argument('--push-to-hub', metavar='REPO_ID', help='publish the trained Hub folder')
@@ -29,9 +33,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = trainer.load_recipe(args.recipe, args.overrides)
-        output_dir = args.output_dir or Path('runs') / args.recipe.stem
+        output_dir = hub.check_output_dir(args.output_dir or Path('runs') / args.recipe.stem)
         trainer.train(recipe, output_dir, data=args.data, resume=args.resume,
-                      exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub)
+                      exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub,
+                      skip_damaged_checkpoints=args.skip_damaged_checkpoints)
     except (zoo.ZooError, FileNotFoundError, ValueError) as e:
         if os.environ.get('ZOO_DEBUG') == '1':
             raise

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo.errors import InputError
+
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
 
@@ -136,6 +138,22 @@ class BenchResult:
         ])
 
 
+def _device(name: Optional[str]) -> torch.device:
+    """`name` as a torch device this machine has (default: cuda if available, else cpu)."""
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f'unknown device {name!r}: give cpu or cuda[:i]') from e
+    backend = getattr(torch, dev.type, None)
+    if dev.type != 'cpu' and not (hasattr(backend, 'is_available') and backend.is_available()):
+        raise InputError(f'device {name!r} is not available on this machine; use cpu')
+    if dev.index is not None and dev.type != 'cpu' and dev.index >= backend.device_count():
+        raise InputError(f'device {name!r}: this machine has {backend.device_count()} {dev.type} device(s)')
+    return dev
+
+
 def bench_model(
         name: str,
         batch: int = 8,
@@ -157,9 +175,13 @@ def bench_model(
 
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+    for what, value, least in (('batch', batch, 1), ('repeats', repeats, 1), ('warmup', warmup, 0),
+                               ('size', size or 1, 1), ('threads', threads or 1, 1)):
+        if value < least:
+            raise InputError(f'{what} must be at least {least}, got {value}')
     if threads:
         torch.set_num_threads(threads)
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dev = _device(device)
     model = zoo.create_model(name)
     if hasattr(model, 'example_inputs'):
         raise ValueError(f'zoo bench times image classifiers and backbones; {name} does not take an image batch')

@@ -10,13 +10,16 @@ from typing import List, Optional
 
 import timm
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import HfHubHTTPError
 from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
-from zoo.models import FAMILIES
 from zoo.errors import InputError, UnknownModelError, ZooError
+from zoo.metadata import weights_meta
+from zoo.models import FAMILIES
 from zoo.registry import check_model_name
 from zoo.tasks import DENSE_STRIDE, padded_size
 
@@ -33,6 +36,8 @@ def _load_model(args, source: str, pretrained: bool = True):
         _say(args, f'loading {path}')
         return hub.load(path).eval()
     check_model_name(source)
+    if pretrained:
+        hub.require_published_weights(source)
     _say(args, f'building {source}' + (' and loading its weights' if pretrained else ' with random weights'))
     return zoo.create_model(source, pretrained=pretrained).eval()
 
@@ -55,6 +60,7 @@ def _cmd_info(args) -> None:
     cfg = model.pretrained_cfg
     input_size = tuple(cfg.get('input_size', (3, 224, 224)))
     weights = cfg.get('hf_hub_id') or cfg.get('url') or 'none published under this name'
+    meta = weights_meta(f'{cfg["architecture"]}.{cfg["tag"]}')
     info = {
         'name': name,
         'params_m': round(cards.count_params(model) / 1e6, 3),
@@ -66,12 +72,23 @@ def _cmd_info(args) -> None:
         'license': cfg.get('license'),
         'weights': weights,
         'pretrained_tags': [n for n in zoo.list_models(pretrained=True) if n.split('.')[0] == model.pretrained_cfg['architecture']],
+        'provenance': cards.cfg_provenance(cfg)['kind'],
+        'recipe': meta.get('recipe'),
+        'paper_results': meta.get('paper', []),
+        'measured_results': meta.get('measured', []),
     }
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f'{key:>16}: {value}')
+            if key.endswith('_results'):
+                label = 'paper figure' if key == 'paper_results' else 'measured'
+                for r in value or [{'source': 'none recorded'}]:
+                    where = r.get('source') or r.get('by') or 'zoo'
+                    figures = ', '.join(f'{k} {v}' for k, v in r.get('metrics', {}).items())
+                    print(f'{label:>16}: {figures} ({r.get("dataset")}, {where})' if figures else f'{label:>16}: none')
+            else:
+                print(f'{key:>16}: {value}')
 
 
 def _label_names(model) -> Optional[List[str]]:
@@ -92,11 +109,13 @@ def _read_image(image_path):
 
     try:
         return Image.open(image_path).convert('RGB')
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f'cannot read image {image_path}: {e.strerror if getattr(e, "strerror", None) else e}')
 
 
 def _cmd_predict(args) -> None:
+    if args.top_k < 1:
+        raise InputError(f'--top-k must be at least 1, got {args.top_k}')
     model = _load_model(args, args.name, pretrained=not args.random)
     if hasattr(model, 'frame_size'):
         raise InputError(
@@ -130,6 +149,7 @@ def _cmd_predict(args) -> None:
 def _cmd_convert(args) -> None:
     from zoo.convert import family_module
 
+    hub.check_output_dir(args.out)
     module = family_module(args.family)
     model_name = args.model
     if model_name is None:
@@ -142,12 +162,23 @@ def _cmd_convert(args) -> None:
     model = zoo.create_model(model_name, **kwargs)
     state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
     hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
+    hub.mark_official(model, args.checkpoint, getattr(module, 'WEIGHT_SHA256', None))
     out = hub.save_pretrained(model.eval(), args.out)
     print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
 
 
+# The HTTP library's base error (httpx's or requests'), which connection failures derive from.
+_HTTP_ERROR = HfHubHTTPError.__bases__[0]
+
+
 def _cmd_push(args) -> None:
-    commit = hub.push_folder(args.directory, args.repo_id, commit_message=args.message, private=args.private)
+    try:
+        commit = hub.push_folder(args.directory, args.repo_id, commit_message=args.message, private=args.private)
+    except (_HTTP_ERROR, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ZooError(f'could not push to {args.repo_id} at {hf_constants.ENDPOINT} ({type(e).__name__}: {e}); '
+                       'check the network, the token (hf auth login) and HF_ENDPOINT') from e
     print(getattr(commit, 'commit_url', commit))
 
 

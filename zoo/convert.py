@@ -11,7 +11,7 @@ from typing import Any, Dict, Union
 
 import torch.nn as nn
 
-from zoo.hub import load_state_dict_strict, read_checkpoint
+from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
 from zoo.models import FAMILIES
 
 
@@ -33,9 +33,11 @@ def from_official(family: str, state_dict: Dict[str, Any], **official_kwargs) ->
     model = module.create_from_official(**official_kwargs)
     converted = module.checkpoint_filter_fn(state_dict, model)
     load_state_dict_strict(model, converted, source=f'official {family} checkpoint')
-    return model.eval()
+    return mark_official(model).eval()
 
 
 def from_official_file(family: str, path: Union[str, Path], **official_kwargs) -> nn.Module:
-    """`from_official` on a checkpoint file (.safetensors, or .pth read with `weights_only=True`)."""
-    return from_official(family, read_checkpoint(path), **official_kwargs)
+    """`from_official` on a checkpoint file (.safetensors, or .pth read with `weights_only=True`); the model
+    records the file's name and sha256, and the published release it is when the sha256 matches one."""
+    model = from_official(family, read_checkpoint(path), **official_kwargs)
+    return mark_official(model, path, getattr(family_module(family), 'WEIGHT_SHA256', None))

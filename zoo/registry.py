@@ -1,11 +1,19 @@
 """Which models the zoo registers, and errors for names it does not know."""
 import difflib
-from typing import List
+import numbers
+from typing import Any, Dict, List
 
 import timm
 
 from zoo._namespace import registry_name
-from zoo.errors import UnknownModelError
+from zoo.errors import InputError, UnknownModelError
+
+# Constructor arguments shared by the zoo's models, with the least value each takes (a count, a size, a rate):
+# a wrong type or a value out of range is refused when the model is built, not deep inside it.
+_AT_LEAST_ONE = ('in_chans', 'img_size', 'dims', 'widths', 'embed_dim', 'num_heads', 'block_size', 'stem_chs',
+                 'expand_ratios', 'mlp_ratio', 'output_stride')
+_AT_LEAST_ZERO = ('num_classes', 'depths', 'depth', 'halo_size', 'final_chs')
+_RATES = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate')
 
 
 def is_zoo_model(model_name: str) -> bool:
@@ -17,6 +25,23 @@ def is_zoo_model(model_name: str) -> bool:
 def list_models(pattern: str = '*', pretrained: bool = False) -> List[str]:
     """The zoo's model names matching a glob `pattern`; with `pretrained`, every `name.tag` with weights."""
     return [n for n in timm.list_models(pattern, pretrained=pretrained) if is_zoo_model(n)]
+
+
+def check_model_args(variant: str, kwargs: Dict[str, Any]) -> None:
+    """Refuse a count or size that is not an integer (or sequence of them) of at least its least value, and a
+    drop rate outside [0, 1), naming the argument."""
+    for name, value in kwargs.items():
+        if value is None or name not in _AT_LEAST_ONE + _AT_LEAST_ZERO + _RATES:
+            continue
+        if name in _RATES:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+                raise InputError(f'{variant}: {name} must be a number in [0, 1), got {value!r}')
+            continue
+        least = 1 if name in _AT_LEAST_ONE else 0
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < least for v in items):
+            each = ' (each)' if isinstance(value, (list, tuple)) else ''
+            raise InputError(f'{variant}: {name} must be an integer >= {least}{each}, got {value!r}')
 
 
 def check_model_name(model_name: str) -> str:

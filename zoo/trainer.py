@@ -14,12 +14,16 @@ import importlib
 import json
 import math
 import os
+import random
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 import yaml
 from accelerate import Accelerator
@@ -31,10 +35,13 @@ from tqdm import tqdm
 
 import zoo
 from zoo import hub
-from zoo.errors import RecipeError
+from zoo.errors import CheckpointError, RecipeError
 from zoo.hub import RECIPE_NAME
 
-CHECKPOINT_PREFIX = 'step_'
+CHECKPOINT_PREFIX, STAGING_PREFIX = 'step_', '.staging-'
+CHECKPOINT_FORMAT = 'zoo-checkpoint/1'
+MANIFEST_NAME, TRAINER_STATE_NAME, EMA_NAME = 'manifest.json', 'trainer_state.json', 'ema.safetensors'
+RNG_STATE_NAME = 'random_states_{}.safetensors'
 
 # Each task is a module (or `module:attribute`) with datasets(), make_loss(), evaluate() and optionally
 # model_kwargs() (model arguments that depend on the data) and report() (what to show after saving).
@@ -141,31 +148,175 @@ class TrainState:
 
 
 def list_checkpoints(output_dir: Union[str, Path]) -> List[Path]:
-    """Complete checkpoints under `output_dir/checkpoints`, oldest first."""
+    """Checkpoint folders under `output_dir/checkpoints`, oldest first (complete or not: see `resume_checkpoint`)."""
     root = Path(output_dir) / 'checkpoints'
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a staging folder, renamed into place once every rank has written."""
+def _rng_state() -> Dict[str, torch.Tensor]:
+    """This process's Python, NumPy, torch and CUDA random states as tensors (what safetensors can hold)."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    tensors = {
+        'python': torch.tensor([version, *python_state], dtype=torch.int64),
+        'python_gauss': torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        'numpy': torch.from_numpy(numpy_keys.astype(np.int64)),
+        'numpy_pos': torch.tensor([numpy_pos, numpy_has_gauss], dtype=torch.int64),
+        'numpy_gauss': torch.tensor([numpy_gauss], dtype=torch.float64),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        tensors.update({f'cuda_{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _set_rng_state(tensors: Dict[str, torch.Tensor]) -> None:
+    version, *python_state = tensors['python'].tolist()
+    has_gauss, gauss = tensors['python_gauss'].tolist()
+    random.setstate((version, tuple(python_state), gauss if has_gauss else None))
+    pos, has_gauss = tensors['numpy_pos'].tolist()
+    np.random.set_state(('MT19937', tensors['numpy'].numpy().astype(np.uint32), pos, has_gauss,
+                         tensors['numpy_gauss'].item()))
+    torch.set_rng_state(tensors['torch'])
+    cuda = [tensors[f'cuda_{i}'] for i in range(sum(k.startswith('cuda_') for k in tensors))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep: int, state: TrainState,
+                     scheduler, ema: Optional[ModelEmaV3]) -> Path:
+    """One checkpoint folder, written in a staging folder and renamed into place once every rank has written.
+
+    Accelerate writes the model (safetensors), the optimizer and (with fp16) the grad scaler; the zoo writes the
+    progress and the schedule as JSON, the EMA weights and each process's random states as safetensors, and
+    `manifest.json` (size and sha256 of every file) last. Accelerate's own random-state pickle is removed:
+    nothing in the folder needs an unpickler beyond `weights_only=True`.
+    """
     root = output_dir / 'checkpoints'
     final = root / f'{CHECKPOINT_PREFIX}{step:08d}'
-    staging = root / f'.staging-{CHECKPOINT_PREFIX}{step:08d}'
+    staging = root / f'{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step:08d}'
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        for leftover in root.glob(f'{STAGING_PREFIX}*') if root.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)  # from a killed save
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    accelerator.save_state(str(staging), safe_serialization=True)
+    (staging / f'random_states_{accelerator.process_index}.pkl').unlink(missing_ok=True)
+    safetensors.torch.save_file(_rng_state(), staging / RNG_STATE_NAME.format(accelerator.process_index))
+    if accelerator.is_main_process:
+        progress = dict(progress=state.state_dict(), scheduler=scheduler.state_dict(), accelerator_step=accelerator.step)
+        (staging / TRAINER_STATE_NAME).write_text(json.dumps(progress, indent=2) + '\n')
+        if ema is not None:
+            safetensors.torch.save_model(ema, str(staging / EMA_NAME))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        files = sorted(p for p in staging.rglob('*') if p.is_file())
+        manifest = {str(p.relative_to(staging)): dict(bytes=p.stat().st_size, sha256=hub.sha256_file(p)) for p in files}
+        (staging / MANIFEST_NAME).write_text(json.dumps(dict(format=CHECKPOINT_FORMAT, files=manifest), indent=2) + '\n')
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def verify_checkpoint(folder: Union[str, Path]) -> Dict[str, Any]:
+    """Check a checkpoint folder against its manifest before anything in it is read; returns the manifest.
+
+    Every listed file must be there with its recorded size and sha256, no unlisted file may be there, the
+    safetensors and JSON files must parse and the pickles must load with `weights_only=True`. A `CheckpointError`
+    names the first file that fails.
+    """
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest['files']
+        if manifest.get('format') != CHECKPOINT_FORMAT or not isinstance(files, dict):
+            raise ValueError(f'format {manifest.get("format")!r}')
+    except FileNotFoundError as e:
+        raise CheckpointError(f'{manifest_path} is missing: the save did not finish, or the folder was not '
+                              'written by this version of the zoo') from e
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f'{manifest_path} is not a zoo checkpoint manifest ({e})') from e
+    present = {str(p.relative_to(folder)): p for p in folder.rglob('*') if p.is_file() or p.is_symlink()}
+    present.pop(MANIFEST_NAME)
+    unlisted = sorted(set(present) - set(files))
+    if unlisted:
+        raise CheckpointError(f'{folder / unlisted[0]} is not listed in {MANIFEST_NAME}: the zoo did not write it; '
+                              'remove it to resume from this checkpoint')
+    for name, record in sorted(files.items()):
+        path = folder / name
+        if name not in present:  # also keeps a crafted name (`../x`) from reading anything outside the folder
+            raise CheckpointError(f'{path} is missing from the checkpoint ({MANIFEST_NAME} lists it)')
+        if path.is_symlink():
+            raise CheckpointError(f'{path} is a link; a checkpoint holds only plain files')
+        if not isinstance(record, dict) or path.stat().st_size != record.get('bytes') or \
+                hub.sha256_file(path) != record.get('sha256'):
+            raise CheckpointError(f'{path} does not match {MANIFEST_NAME} (size or sha256 differs): '
+                                  'the file is truncated, corrupt or was replaced')
+        _check_state_file(path)
+    return manifest
+
+
+def _check_state_file(path: Path) -> None:
+    """Parse one checkpoint file the way resume will read it, without running anything it holds."""
+    try:
+        if path.suffix == '.json':
+            json.loads(path.read_text())
+        elif path.suffix == '.safetensors':
+            with safetensors.safe_open(path, framework='pt'):
+                pass
+        else:  # accelerate's pickles (optimizer, scaler, sampler); mmap reads only the pickle, not the tensors
+            torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as e:  # json, safetensors and the weights_only unpickler each raise their own kinds
+        raise CheckpointError(f'{path} cannot be read safely ({type(e).__name__}: {e}); the zoo unpickles '
+                              'nothing beyond tensors and plain containers') from e
+
+
+def resume_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainState, scheduler,
+                      ema: Optional[ModelEmaV3], skip_damaged: bool = False) -> Optional[Path]:
+    """Load the newest complete checkpoint of `output_dir`; None when there is none.
+
+    A folder without a manifest (a save that did not finish) is passed over with a log line. A damaged one
+    (a file missing, truncated, changed or added) stops the resume naming the file, unless `skip_damaged`,
+    which passes over it to the next older checkpoint as well.
+    """
+    checkpoints = list_checkpoints(output_dir)
+    for folder in reversed(checkpoints):
+        if not (folder / MANIFEST_NAME).is_file():
+            accelerator.print(f'--resume: passing over {folder}: no {MANIFEST_NAME} (an unfinished save)')
+            continue
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as e:
+            if not skip_damaged:
+                raise CheckpointError(f'{e}. Use --skip-damaged-checkpoints to resume from an older checkpoint') from e
+            accelerator.print(f'--resume: passing over {folder}: {e}')
+            continue
+        accelerator.load_state(str(folder))
+        progress = json.loads((folder / TRAINER_STATE_NAME).read_text())
+        state.load_state_dict(progress['progress'])
+        scheduler.load_state_dict(progress['scheduler'])
+        accelerator.step = progress['accelerator_step']
+        if ema is not None:
+            if not (folder / EMA_NAME).is_file():
+                raise CheckpointError(f'{folder} has no {EMA_NAME}: it was saved by a run without train.ema_decay')
+            safetensors.torch.load_model(ema, str(folder / EMA_NAME), device=str(accelerator.device))
+        rng_path = folder / RNG_STATE_NAME.format(accelerator.process_index)
+        if rng_path.is_file():
+            _set_rng_state(safetensors.torch.load_file(rng_path))
+        else:
+            accelerator.print(f'--resume: {folder} has no random state for process {accelerator.process_index} '
+                              '(saved with fewer processes): random numbers will differ from an uninterrupted run')
+        return folder
+    if checkpoints:
+        raise CheckpointError(f'--resume: no complete checkpoint in {output_dir / "checkpoints"} '
+                              f'({len(checkpoints)} unfinished or damaged)')
+    return None
 
 
 # The loop
@@ -219,12 +370,13 @@ def train(
         exit_after_steps: Optional[int] = None,
         push_to_hub: Optional[str] = None,
         quiet: bool = False,
+        skip_damaged_checkpoints: bool = False,
 ) -> Optional[Dict[str, Any]]:
     """Train `recipe` into `output_dir`; returns the final metrics (None when stopped by `exit_after_steps`).
 
     `output_dir` receives `checkpoints/step_<N>/` (Accelerate state, written atomically), `model/` (the Hub
     folder: config.json, model.safetensors, the card, the recipe) and whatever the task's report writes.
-    `resume` continues from the newest checkpoint; `exit_after_steps` saves a checkpoint and stops after that
+    `resume` continues from the newest complete checkpoint (`resume_checkpoint`); `exit_after_steps` saves a checkpoint and stops after that
     many optimizer steps in total, for jobs that run in time-limited slots.
     """
     output_dir = Path(output_dir)
@@ -263,13 +415,11 @@ def train(
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg['ema_decay']) if cfg['ema_decay'] else None
     loss_fn = task.make_loss(recipe, accelerator.unwrap_model(model))
     state = TrainState()
-    accelerator.register_for_checkpointing(scheduler, state, *([ema] if ema is not None else []))
 
     if resume:
-        checkpoints = list_checkpoints(output_dir)
-        if checkpoints:
-            accelerator.load_state(str(checkpoints[-1]))
-            accelerator.print(f'resumed from {checkpoints[-1]} (step {state.step})')
+        folder = resume_checkpoint(accelerator, output_dir, state, scheduler, ema, skip_damaged_checkpoints)
+        if folder is not None:
+            accelerator.print(f'resumed from {folder} (step {state.step})')
         else:
             accelerator.print(f'--resume: no checkpoint in {output_dir / "checkpoints"}, starting afresh')
     if accelerator.is_main_process:
@@ -313,7 +463,7 @@ def train(
                 scheduler.step(state.epoch)
             stopping = exit_after_steps is not None and state.step >= exit_after_steps
             if stopping or (cfg['checkpoint_every'] and state.step % cfg['checkpoint_every'] == 0):
-                _save_checkpoint(accelerator, output_dir, state.step, cfg['keep_checkpoints'])
+                _save_checkpoint(accelerator, output_dir, state.step, cfg['keep_checkpoints'], state, scheduler, ema)
             if stopping:
                 progress.close()
                 accelerator.print(f'stopped after step {state.step}; continue with --resume')

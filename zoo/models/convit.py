@@ -20,11 +20,12 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import resample_abs_pos_embed, to_2tuple
-from timm.models import checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, register_model
 from timm.models import convit as timm_convit
 from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['ConVit']
 
@@ -211,8 +212,18 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-def _timm_weights(name: str, top1: str) -> Dict:
+def _meta(name: str, params_m: float, gmacs: float, top1: float, top5: float, **kwargs) -> Dict:
+    """Params (M), GMACs at 224, the recipe, and paper Table 1's ImageNet-1k top-1 / top-5 (%)."""
+    return dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/{name}.yaml',
+                paper=[paper('ImageNet-1k', 'arXiv:2103.10697 Table 1', top1=top1, top5=top5)], **kwargs)
+
+
+def _timm_weights(name: str, top1: str, meta: Dict) -> Dict:
+    measured = dict(task='image-classification', dataset='ImageNet-1k', split='val', metrics={'top1': float(top1)},
+                    protocol={'input': 224, 'crop_pct': 0.875, 'interpolation': 'bicubic'},
+                    by='timm (PR #653, when the weights were ported)')
     return _cfg(
+        meta=dict(meta, measured=[measured]),
         hf_hub_id=f'timm/{name}.fb_in1k',
         description=(
             f'The authors\' ImageNet-1k weights in timm\'s copy ({top1} top-1 when timm ported them, PR #653); '
@@ -220,20 +231,21 @@ def _timm_weights(name: str, top1: str) -> Dict:
     )
 
 
-def _untrained(name: str) -> Dict:
+def _untrained(name: str, meta: Dict) -> Dict:
     return _cfg(
+        meta=meta,
         description=f'The paper\'s {name} architecture; no weights were released, so there are none here.',
         notes=('Untrained: `pretrained=True` has nothing to load.',),
     )
 
 
-default_cfgs = generate_default_cfgs({
-    'convit_tiny.fb_in1k': _timm_weights('convit_tiny', '73.116'),
-    'convit_small.fb_in1k': _timm_weights('convit_small', '81.418'),
-    'convit_base.fb_in1k': _timm_weights('convit_base', '82.288'),
-    'convit_tiny_plus.untrained': _untrained('ConViT-Ti+'),
-    'convit_small_plus.untrained': _untrained('ConViT-S+'),
-    'convit_base_plus.untrained': _untrained('ConViT-B+'),
+default_cfgs = zoo_cfgs({
+    'convit_tiny.fb_in1k': _timm_weights('convit_tiny', '73.116', _meta('convit_tiny', 5.71, 1.25, 73.1, 91.7)),
+    'convit_small.fb_in1k': _timm_weights('convit_small', '81.418', _meta('convit_small', 27.78, 5.75, 81.3, 95.7)),
+    'convit_base.fb_in1k': _timm_weights('convit_base', '82.288', _meta('convit_base', 86.54, 17.51, 82.4, 95.9)),
+    'convit_tiny_plus.untrained': _untrained('ConViT-Ti+', _meta('convit_tiny_plus', 9.97, 2.13, 76.7, 93.6)),
+    'convit_small_plus.untrained': _untrained('ConViT-S+', _meta('convit_small_plus', 48.98, 10.0, 82.2, 95.9)),
+    'convit_base_plus.untrained': _untrained('ConViT-B+', _meta('convit_base_plus', 153.13, 30.74, 82.5, 95.9)),
 })
 
 card_info = dict(

@@ -28,13 +28,19 @@ from timm.layers import (
 )
 from timm.layers.halo_attn import PosEmbedRel
 from timm.models import (
-    checkpoint_seq, generate_default_cfgs, register_model, register_notrace_function, register_notrace_module,
+    checkpoint_seq, register_model, register_notrace_function, register_notrace_module,
 )
 from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['HaloNet', 'HaloAttention']
+
+# Without gradients, halo attention runs over chunks of blocks whose position logits stay under this many
+# elements (128 MiB in float32): the logits and attention weights of all blocks at once grow with
+# blocks x window^2 (6.6 GB each for H0's first stage on a 4096x4096 image).
+_INFERENCE_CHUNK_ELEMENTS = 1 << 25
 
 
 class HaloPosEmbedRel(PosEmbedRel):
@@ -133,19 +139,30 @@ class HaloAttention(nn.Module):
         q = F.pad(q, [0, nbw * bq - Wq, 0, nbh * bq - Hq])
         q = q.reshape(B * nh, self.dim_head_qk, nbh, bq, nbw, bq).permute(0, 2, 4, 3, 5, 1)
         q = q.reshape(B * nh, nbh * nbw, bq, bq, self.dim_head_qk)
-        pos_logits = self.pos_embed(q)
-        q = q.flatten(2, 3)  # (B * nh, blocks, bq * bq, dim_head_qk)
 
         kv = F.pad(self.kv(x), [h, h + pad_w, h, h + pad_h])
         kv = kv.unfold(2, self.win_size, b).unfold(3, self.win_size, b)  # (B, C, nbh, nbw, win, win)
         kv = kv.reshape(B * nh, self.dim_head_qk + self.dim_head_v, nbh * nbw, -1).permute(0, 2, 3, 1)
         k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
 
-        # softmax(q.k * scale + q.r): the position logits enter as the additive mask, unscaled
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=pos_logits.to(q.dtype), scale=self.scale)
+        blocks = nbh * nbw
+        chunk = blocks if torch.is_grad_enabled() else max(
+            1, _INFERENCE_CHUNK_ELEMENTS // (B * nh * bq * bq * self.win_size * self.win_size))
+        if chunk >= blocks:
+            out = self._attend(q, k, v)
+        else:
+            out = torch.cat([self._attend(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk])
+                             for i in range(0, blocks, chunk)], dim=1)
         out = out.reshape(B, nh, nbh, nbw, bq, bq, self.dim_head_v).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, nh * self.dim_head_v, nbh * bq, nbw * bq)
         return out[:, :, :Hq, :Wq]
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Query blocks q (B * nh, n, bq, bq, dim_head_qk) over their windows k, v (B * nh, n, win * win, dim_head)."""
+        pos_logits = self.pos_embed(q)
+        # softmax(q.k * scale + q.r): the position logits enter as the additive mask, unscaled
+        return F.scaled_dot_product_attention(
+            q.flatten(2, 3), k, v, attn_mask=pos_logits.to(q.dtype), scale=self.scale)
 
 
 class HaloBlock(nn.Module):
@@ -516,9 +533,18 @@ _H7_NOTE = (
     'the output (pad_to_block=True). How the paper handled it is not known.'
 )
 
-default_cfgs = generate_default_cfgs({
+# Params (M) and GMACs at each model's image size, and the paper's ImageNet-1k top-1 (%) from its model table.
+_META = {
+    'halonet_h0': (5.5, 2.31, 77.9), 'halonet_h1': (8.1, 2.94, 79.9), 'halonet_h2': (9.4, 3.26, 80.4),
+    'halonet_h3': (11.84, 6.08, 81.9), 'halonet_h4': (19.1, 11.86, 83.3), 'halonet_h5': (30.72, 31.96, 84.0),
+    'halonet_h6': (43.46, 52.45, 84.4), 'halonet_h7': (67.43, 110.16, 84.9),
+}
+
+default_cfgs = zoo_cfgs({
     f'{name}.untrained': _cfg(
         arch['img_size'], arch['block_size'],
+        meta=dict(params_m=_META[name][0], gmacs=_META[name][1], recipe=f'training/recipes/{name}.yaml',
+                  paper=[paper('ImageNet-1k', 'arXiv:2103.12731 model table', top1=_META[name][2])]),
         **(dict(min_input_size=(3, 32, 32), notes=(_H7_NOTE,)) if arch.get('pad_to_block') else {}),
     )
     for name, arch in _ARCHS.items()

@@ -24,10 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.convnext import ConvNeXtBlock
 
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_size
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
 
@@ -448,15 +449,17 @@ def load_quantized_release(
     Weights and embeddings are dequantized as min + scale * quant; the encoder is not part of the release.
     """
     import timm
-    from zoo.hub import load_state_dict_strict, read_checkpoint
+    from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
+    path = None
     if not isinstance(checkpoint, dict):
-        checkpoint = read_checkpoint(checkpoint)
+        path, checkpoint = checkpoint, read_checkpoint(checkpoint)
     if not is_quantized_release(checkpoint):
         raise ValueError(
             "not an HNeRV quantized release: expected {'embed': {quant, min, scale}, 'model': {...}}, got keys "
             f'{list(checkpoint)[:5]}')
     model = timm.create_model(model_name, **model_kwargs)
     load_state_dict_strict(model, checkpoint_filter_fn(checkpoint, model), source='HNeRV quantized release')
+    mark_official(model, path, WEIGHT_SHA256)
     return model.eval(), model.frame_embeddings
 
 
@@ -554,10 +557,24 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 _UNTRAINED = dict(description='Untrained: one model represents one video, so weights come from fitting it.')
 
-default_cfgs = generate_default_cfgs({
-    'hnerv_0_35m.untrained': _cfg(**_UNTRAINED),
-    'hnerv_0_75m.untrained': _cfg(**_UNTRAINED),
+
+def _meta(size: str, params_m: float, gmacs: float, psnr: float, **kwargs) -> Dict:
+    """Params (M, whole model with encoder) and GMACs of one 640x1280 frame (Bunny), the recipe, and paper
+    Table 2's Bunny PSNR (132 frames, 300 epochs, before quantization)."""
+    return dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/hnerv_{size}_bunny.yaml',
+                paper=[paper('Big Buck Bunny (640x1280, 132 frames)', 'arXiv:2304.02633 Table 2',
+                             task='video-representation', split='all frames', psnr=psnr)], **kwargs)
+
+
+default_cfgs = zoo_cfgs({
+    'hnerv_0_35m.untrained': _cfg(meta=_meta('0_35m', 0.62, 7.41, 30.15), **_UNTRAINED),
+    'hnerv_0_75m.untrained': _cfg(meta=_meta('0_75m', 1.03, 15.44, 32.81), **_UNTRAINED),
     'hnerv_1_5m.bunny': _cfg(
+        meta=_meta('1_5m', 1.79, 30.39, 35.57, measured=[dict(
+            task='video-representation', dataset='Big Buck Bunny (official frames, centre-cropped to 640x1280)',
+            split='all 132 frames', metrics={'psnr': 33.54},
+            protocol={'decoded': 'the quantized release, dequantized', 'psnr': 'mean of per-frame PSNRs'},
+            by='zoo')]),
         url='https://github.com/haochen-rye/HNeRV/raw/main/checkpoints/quant_vid.pth',
         source='official',
         description=(
@@ -572,7 +589,7 @@ default_cfgs = generate_default_cfgs({
             'is before quantization.',
         ),
     ),
-    'hnerv_3m.untrained': _cfg(**_UNTRAINED),
+    'hnerv_3m.untrained': _cfg(meta=_meta('3m', 3.32, 60.89, 37.43), **_UNTRAINED),
 })
 
 # sha256 of the official files ('arch.tag' -> hex digest); quant_vid.pth as of haochen-rye/HNeRV commit 4872129.
@@ -600,10 +617,10 @@ card_info = dict(
                                      ('3m', 3, 97, 37.43))
     },
     usage=(
-        'import torch\n'
-        'frames = torch.rand(2, 3, 640, 1280)  # frames of the video the model was fitted to, RGB in [0, 1]\n'
-        'embeddings = model.encode(frames)  # (2, 16, 2, 4): what a compressed video stores per frame\n'
-        'reconstruction = model.decode(embeddings)  # (2, 3, 640, 1280) in [0, 1]\n'
+        'frames = torch.rand(2, 3, {height}, {width})  # frames of the video the model was fitted to, RGB in [0, 1]\n'
+        'with torch.no_grad():\n'
+        '    embeddings = model.encode(frames)  # what a compressed video stores per frame\n'
+        '    reconstruction = model.decode(embeddings)  # (2, 3, {height}, {width}) in [0, 1]\n'
         '# hnerv_1_5m.bunny: the release\'s own embeddings are model.frame_embeddings (132, 16, 2, 4)'),
 )
 

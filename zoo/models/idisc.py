@@ -32,10 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, Mlp
-from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import register_model, resolve_pretrained_cfg
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['IDisc']
 
@@ -655,20 +656,47 @@ _ENCODER_FILE_NAMES = {
 }
 
 
+_README = 'official README model zoo (SysCV/idisc)'
+# Per encoder: params (M) and GMACs at the NYU (480x640) and KITTI (352x1216) input sizes, and the README's
+# NYU figures (delta1, delta2, delta3, RMSE, AbsRel, log10) and KITTI Eigen-split figures (AbsRel, RMSE).
+_META = {
+    'resnet101': ((55.18, 180.32), (56.89, 311.76), (.892, .983, .995, .380, .109, .046), (.059, 2.362)),
+    'efficientnet_b5': ((40.25, 143.21), (41.96, 260.06), (.903, .986, .997, .369, .104, .044), (.063, 2.510)),
+    'swin_tiny': ((38.97, 159.07), (40.69, 282.47), (.894, .983, .996, .377, .109, .045), (.058, 2.291)),
+    'swin_base': ((98.44, 231.68), (100.16, 385.29), (.926, .989, .997, .327, .091, .039), (.054, 2.149)),
+    'swin_large': ((207.19, 357.97), (208.9, 563.64), (.940, .993, .999, .313, .086, .037), (.050, 2.067)),
+}
+
+
+def _meta(encoder: str, dataset: str) -> Dict:
+    (nyu_params, nyu_gmacs), (kitti_params, kitti_gmacs), nyu, kitti = _META[encoder]
+    if dataset == 'nyu':
+        d1, d2, d3, rmse, abs_rel, log10 = nyu
+        figures = paper('NYU Depth v2', _README, task='depth-estimation', split='test (654 images)',
+                        d1=d1, d2=d2, d3=d3, rmse=rmse, abs_rel=abs_rel, log10=log10)
+        params_m, gmacs = nyu_params, nyu_gmacs
+    else:
+        figures = paper('KITTI', _README, task='depth-estimation', split='Eigen test', abs_rel=kitti[0], rmse=kitti[1])
+        params_m, gmacs = kitti_params, kitti_gmacs
+    return dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/idisc_{encoder}_{dataset}.yaml',
+                paper=[figures])
+
+
 def _dataset_cfgs(encoder: str, first_conv: str) -> Dict[str, Dict]:
     file_name = _ENCODER_FILE_NAMES[encoder]
     return {
         f'idisc_{encoder}.nyu': _cfg(
-            _CHECKPOINTS + f'nyu_{file_name}.pt', first_conv=first_conv,
+            _CHECKPOINTS + f'nyu_{file_name}.pt', first_conv=first_conv, meta=_meta(encoder, 'nyu'),
             description='Official NYU Depth v2 checkpoint from the iDisc authors (640x480), converted on load.'),
         f'idisc_{encoder}.kitti': _cfg(
             _CHECKPOINTS + f'kitti_{file_name}.pt', first_conv=first_conv, input_size=(3, 352, 1216),
+            meta=_meta(encoder, 'kitti'),
             description='Official KITTI (Eigen split, 1216x352 crops) checkpoint from the iDisc authors, converted '
                         'on load.'),
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_cfgs({
     **_dataset_cfgs('resnet101', 'encoder.body.conv1'),
     **_dataset_cfgs('efficientnet_b5', 'encoder.conv_stem'),
     **_dataset_cfgs('swin_tiny', 'encoder.patch_embed.proj'),
@@ -676,6 +704,9 @@ default_cfgs = generate_default_cfgs({
     **_dataset_cfgs('swin_large', 'encoder.patch_embed.proj'),
     'idisc_swin_large.nyu_normals': _cfg(
         _CHECKPOINTS + 'nyunormals_swinlarge.pt', first_conv='encoder.patch_embed.proj',
+        meta=dict(params_m=207.19, gmacs=357.98, paper=[paper(
+            'NYU Depth v2 surface normals', _README, task='surface-normals', split='test',
+            mean_deg=14.6, median_deg=7.3, rmse_deg=22.9, within_11_25=.637)]),
         description='Official NYU surface-normals checkpoint (GeoNet annotations, 640x480) from the iDisc authors, '
                     'converted on load.'),
 })
@@ -695,9 +726,10 @@ card_info = dict(
         'which is dropped on load (55.2M params here, 57.2M in the official count). The deformable attention runs '
         'on plain PyTorch (grid_sample), slower than the official CUDA op.'),
     usage=(
-        'from zoo.tasks.depth import image_to_tensor, save_depth_picture\n'
-        'depth = model(image_to_tensor(model, pil_image))  # (1, 1, H, W) in metres, at the image size\n'
-        'save_depth_picture(model, pil_image, "depth.png")  # colourised'),
+        'x = torch.rand(1, 3, {height}, {width})  # or: zoo.tasks.depth.image_to_tensor(model, pil_image)\n'
+        'with torch.no_grad():\n'
+        '    depth = model(x)  # (1, 1, {height}, {width}) in metres, at the input size\n'
+        '# zoo.tasks.depth.save_depth_picture(model, pil_image, "depth.png") writes a colourised picture'),
     variants={
         'idisc_resnet101': 'ResNet-101 encoder (torchvision ImageNet weights); README: NYU AbsRel .109, RMSE .380; '
                            'KITTI AbsRel .059, RMSE 2.362',

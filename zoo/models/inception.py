@@ -25,12 +25,13 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import ConvNormAct, create_classifier, get_device_dtype
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model, register_model_deprecations
+from timm.models import checkpoint_seq, register_model, register_model_deprecations
 from timm.models._features import feature_take_indices
 from timm.models.inception_resnet_v2 import InceptionResnetV2 as TimmInceptionResnetV2
 from timm.models.inception_v4 import InceptionV4 as TimmInceptionV4, Mixed3a, Mixed4a, Mixed5a
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['InceptionV4', 'InceptionResnetV2', 'InceptionResnet']
 
@@ -428,8 +429,22 @@ _TF_SLIM_NOTE = (
     'Converted from the TF-slim checkpoint: 1001 classes with background class 0 dropped, BatchNorm without '
     'learned scale (weights 1), eps 1e-3; inputs are scaled to [-1, 1] (mean = std = 0.5).')
 
-default_cfgs = generate_default_cfgs({
+
+def _meta(recipe: str, params_m: float, gmacs: float, top1_err: float, top5_err: float,
+          timm_top1: Optional[float] = None, crop_pct: float = 0.875) -> Dict:
+    """Params (M), GMACs at 299, the recipe, paper Table 2's single-crop errors (%) and timm's measured top-1."""
+    meta = dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/{recipe}.yaml',
+                paper=[paper('ImageNet-1k', 'arXiv:1602.07261 Table 2', top1_err=top1_err, top5_err=top5_err)])
+    if timm_top1 is not None:
+        meta['measured'] = [dict(
+            task='image-classification', dataset='ImageNet-1k', split='val', metrics={'top1': timm_top1},
+            protocol={'input': 299, 'crop_pct': crop_pct, 'interpolation': 'bicubic'}, by='timm (results-imagenet.csv)')]
+    return meta
+
+
+default_cfgs = zoo_cfgs({
     'inception_v4.tf_in1k': _cfg(
+        meta=_meta('inception_v4', 42.68, 12.25, 20.0, 5.0, timm_top1=80.144),
         hf_hub_id='timm/inception_v4.tf_in1k',
         first_conv='features.0.conv',
         classifier='last_linear',
@@ -437,12 +452,14 @@ default_cfgs = generate_default_cfgs({
         notes=(_TF_SLIM_NOTE,),
     ),
     'inception_resnet_v2.tf_in1k': _cfg(
+        meta=_meta('inception_resnet_v2', 55.84, 13.16, 19.9, 4.9, timm_top1=80.434, crop_pct=0.8975),
         hf_hub_id='timm/inception_resnet_v2.tf_in1k',
         crop_pct=0.8975,
         description="Google's TF-slim ImageNet-1k weights (inception_resnet_v2_2016_08_30) as published by timm.",
         notes=(_TF_SLIM_NOTE, 'TF-slim layout, not the paper figures: see inception_resnet_v2_paper.'),
     ),
     'inception_resnet_v2.tf_ens_adv_in1k': _cfg(
+        meta=_meta('inception_resnet_v2', 55.84, 13.16, 19.9, 4.9, timm_top1=79.998, crop_pct=0.8975),
         hf_hub_id='timm/inception_resnet_v2.tf_ens_adv_in1k',
         crop_pct=0.8975,
         description=(
@@ -451,10 +468,12 @@ default_cfgs = generate_default_cfgs({
         notes=(_TF_SLIM_NOTE,),
     ),
     'inception_resnet_v1.untrained': _cfg(
+        meta=_meta('inception_resnet_v1', 22.76, 6.21, 21.3, 5.5),
         description='The paper\'s Inception-ResNet-v1. Google released no weights for it, so there are none here.',
         notes=('Untrained: `pretrained=True` has nothing to load.',),
     ),
     'inception_resnet_v2_paper.untrained': _cfg(
+        meta=_meta('inception_resnet_v2_paper', 32.43, 9.26, 19.9, 4.9),
         description=(
             'Inception-ResNet-v2 in the layout of the paper\'s figures. The released weights use the TF-slim layout '
             '(inception_resnet_v2); no weights exist for this one.'),

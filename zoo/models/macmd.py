@@ -34,10 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.pvt_v2 import checkpoint_filter_fn as _pvt_v2_filter_fn
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['MACMD', 'MACMDDecoder']
 
@@ -527,8 +528,11 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_cfgs({
     'macmd_pvt_v2_b2.untrained': _cfg(
+        meta=dict(params_m=34.61, gmacs=6.13, recipe='training/recipes/macmd_pvt_v2_b2_synapse.yaml',
+                  paper=[paper('Synapse multi-organ CT', "authors' test log (lalitmaurya47/MACMD)",
+                               task='image-segmentation', split='test (12 cases)', dice=83.27, hd95_mm=14.92)]),
         notes=(
             'Official weights do exist, but not in a form the zoo can fetch: the authors\' Synapse checkpoint '
             'is on Google Drive (id 132wfiwJYy1BGdl4b1mjUanG7LzwDrIj2, `best.pth`). Download it by hand, then '
@@ -563,9 +567,9 @@ card_info = dict(
                            'Synapse test (official log): mean Dice 83.27%, HD95 14.92 mm',
     },
     usage=(
-        'import torch\n'
-        'x = torch.rand(1, 1, 224, 224)  # a CT slice scaled to [0, 1]\n'
-        'mask = model.predict_proba(x).argmax(1)  # (1, 224, 224) class indices'),
+        'x = torch.rand(1, {channels}, {height}, {width})  # a CT slice scaled to [0, 1]\n'
+        'with torch.no_grad():\n'
+        '    mask = model.predict_proba(x).argmax(1)  # (1, {height}, {width}) class indices'),
 )
 
 

@@ -17,9 +17,10 @@ from typing import Any, Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import get_act_layer
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 
 from zoo.layers.nerv import NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_size
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['NeRV']
 
@@ -266,10 +267,17 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'nerv_s.untrained': _cfg(),
-    'nerv_m.untrained': _cfg(),
-    'nerv_l.untrained': _cfg(),
+def _meta(size: str, params_m: float, gmacs: float, psnr: float) -> Dict:
+    """Params (M) and GMACs of one 720x1280 frame, the recipe, and paper Table 2's Bunny PSNR (1200 epochs)."""
+    return dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/nerv_{size}_bunny.yaml',
+                paper=[paper('Big Buck Bunny (720x1280)', 'arXiv:2110.13903 Table 2', task='video-representation',
+                             split='all frames', psnr=psnr)])
+
+
+default_cfgs = zoo_cfgs({
+    'nerv_s.untrained': _cfg(meta=_meta('s', 3.24, 100.94, 34.21)),
+    'nerv_m.untrained': _cfg(meta=_meta('m', 6.32, 101.43, 38.14)),
+    'nerv_l.untrained': _cfg(meta=_meta('l', 12.57, 102.4, 41.29)),
 })
 
 card_info = dict(
@@ -292,8 +300,8 @@ card_info = dict(
         for name, c1, size, psnr in (('s', 26, 3.2, 34.21), ('m', 58, 6.3, 38.14), ('l', 112, 12.5, 41.29))
     },
     usage=(
-        'import torch\n'
-        'frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, 720, 1280) in [0, 1]'),
+        'with torch.no_grad():\n'
+        '    frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, {height}, {width}) in [0, 1]'),
 )
 
 

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import GluMlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models.mambaout import GatedConvBlock
 
 from zoo.layers.nerv import NeRVBlock
+from zoo.metadata import zoo_cfgs
 from zoo.models.nerv import NeRV, model_args_from_official as _nerv_args_from_official, rename_official_keys
 
 __all__ = ['NeRVPlusPlus']
@@ -220,11 +221,16 @@ def _cfg(**kwargs) -> Dict:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'nervpp_xs.untrained': _cfg(),
-    'nervpp_s.untrained': _cfg(),
-    'nervpp_m.untrained': _cfg(),
-    'nervpp_l.untrained': _cfg(),
+def _meta(size: str, params_m: float, gmacs: float) -> Dict:
+    """Params (M) and GMACs of one 720x1280 frame, and the recipe (no paper figure could be read offline)."""
+    return dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/nervpp_{size}_bunny.yaml')
+
+
+default_cfgs = zoo_cfgs({
+    'nervpp_xs.untrained': _cfg(meta=_meta('xs', 1.9, 105.47)),
+    'nervpp_s.untrained': _cfg(meta=_meta('s', 3.38, 105.5)),
+    'nervpp_m.untrained': _cfg(meta=_meta('m', 6.38, 105.62)),
+    'nervpp_l.untrained': _cfg(meta=_meta('l', 12.55, 106.02)),
 })
 
 card_info = dict(
@@ -244,8 +250,8 @@ card_info = dict(
         for name, c1, params in (('xs', 8, 1_902_725), ('s', 26, 3_379_541), ('m', 58, 6_382_533), ('l', 112, 12_546_111))
     },
     usage=(
-        'import torch\n'
-        'frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, 720, 1280) in [0, 1]'),
+        'with torch.no_grad():\n'
+        '    frames = model(index=torch.arange(4))  # frames 0-3, (4, 3, {height}, {width}) in [0, 1]'),
 )
 
 

@@ -28,10 +28,11 @@ from timm.layers import (
     ClassifierHead, ConvNormAct, DropPath, GroupNorm1, LayerScale2d, SEModule, create_conv2d,
     trunc_normal_,
 )
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['SpaRTAN']
 
@@ -453,8 +454,10 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_cfgs({
     'spartan_tiny.in1k': _cfg(
+        meta=dict(params_m=3.82, gmacs=1.04, recipe='training/recipes/spartan_tiny.yaml',
+                  paper=[paper('ImageNet-1k', 'arXiv:2507.10999 abstract', top1=77.7)]),
         hf_hub_id='henry-pay/SpaRTAN-S',
         source='official',
         description='Official ImageNet-1k checkpoint from the SpaRTAN authors, converted on load.',

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
-from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import register_model, resolve_pretrained_cfg
 
 from zoo.layers import check_image_input
+from zoo.metadata import zoo_cfgs
 
 __all__ = ['TimesNet', 'ReShape', 'PostFeaturePyramid']
 
@@ -246,14 +247,25 @@ _ARCHS = {
         ('large', 'fb_in22k_ft_in1k'))
 }
 
-default_cfgs = generate_default_cfgs({f'{name}.untrained': _cfg() for name in _ARCHS})
+# Params (M) and GMACs at 480x640 (depth head), and the recipe where there is one; the paper's tables could not be
+# read offline, so no paper figure is recorded.
+_META = {
+    'timesnet_convnext_tiny_convnext_tiny': dict(
+        params_m=56.46, gmacs=56.65, recipe='training/recipes/timesnet_convnext_tiny_convnext_tiny_nyu.yaml'),
+    'timesnet_convnext_small_convnext_small': dict(params_m=99.73, gmacs=108.42),
+    'timesnet_convnext_base_convnext_base': dict(params_m=176.58, gmacs=191.74),
+    'timesnet_convnext_large_convnext_large': dict(params_m=395.72, gmacs=429.14),
+}
+
+default_cfgs = zoo_cfgs({f'{name}.untrained': _cfg(meta=_META[name]) for name in _ARCHS})
 
 card_info = dict(
     pipeline_tag='depth-estimation',
     usage=(
         '# pretrained=True: encoder and decoder from their ImageNet classifiers (no ×Net weights exist)\n'
-        '# images: (B, 3, H, W), ImageNet mean/std, H and W multiples of 32\n'
-        'depth = model(images)  # (B, 1, H, W), metres in (0, max_depth=10)\n'
+        'images = torch.rand(1, 3, {height}, {width})  # ImageNet mean/std, H and W multiples of 32\n'
+        'with torch.no_grad():\n'
+        '    depth = model(images)  # (1, 1, {height}, {width}), metres in (0, max_depth=10)\n'
         '# task="segmentation", num_classes=K: logits (B, K, H, W)'),
     intended_use=(
         'Monocular depth estimation (task="depth", the default) and semantic segmentation '

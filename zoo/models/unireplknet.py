@@ -30,10 +30,11 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, trunc_normal_
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model, reparameterize_model
+from timm.models import checkpoint_seq, register_model, reparameterize_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input
+from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['UniRepLKNet', 'DilatedReparamConv', 'UniRepLKNetBlock']
 
@@ -759,8 +760,33 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     }
 
 
+# Params (M) and GMACs of each cfg at its input size (training form, as loaded), and the recipe.
+_COUNTS = {
+    'a.in1k': (4.65, 0.67), 'f.in1k': (6.49, 0.95), 'p.in1k': (11.08, 1.63), 'n.in1k': (18.82, 2.85),
+    't.in1k': (31.69, 5.0), 's.in1k': (56.46, 9.22), 's.in22k_ft_in1k_384': (56.46, 27.09),
+    'b.in22k_ft_in1k_384': (99.09, 47.67), 'l.in22k_ft_in1k_384': (220.08, 106.16),
+    'xl.in22k_ft_in1k_384': (388.69, 187.76), 's.in22k': (72.48, 9.24), 'b.in22k': (120.45, 16.25),
+    'l.in22k': (252.11, 26.58), 'xl.in22k': (431.39, 47.0),
+}
+_RECIPES = {'a.in1k': 'a', 'f.in1k': 'f', 'p.in1k': 'p', 'n.in1k': 'n', 't.in1k': 't', 's.in1k': 's_in1k'}
+
+
+def _meta(filename: str) -> Dict:
+    """Params, GMACs, recipe, and the top-1 the authors give in the checkpoint's file name (IN-1k val, %)."""
+    name = filename[len('unireplknet_'):].replace('_in1k_224', '.in1k').replace('_in22k_to_in1k_384', '.in22k_ft_in1k_384')
+    name = name.split('_acc')[0].replace('_in22k_pretrain.pth', '.in22k')
+    params_m, gmacs = _COUNTS[name]
+    recipe = _RECIPES.get(name, name.replace('.', '_'))
+    meta = dict(params_m=params_m, gmacs=gmacs, recipe=f'training/recipes/unireplknet_{recipe}.yaml')
+    if '_acc' in filename:
+        top1 = float(filename.split('_acc')[1][:-len('.pth')])
+        meta['paper'] = [paper('ImageNet-1k', "authors' checkpoint name (DingXiaoH/UniRepLKNet)", top1=top1)]
+    return meta
+
+
 def _official(filename: str, description: str, **kwargs) -> Dict:
     return _cfg(
+        meta=_meta(filename),
         hf_hub_id='DingXiaoH/UniRepLKNet',
         hf_hub_filename=filename,
         source='official',
@@ -787,7 +813,7 @@ def _in22k(filename: str, size: int = 224) -> Dict:
         num_classes=21841, input_size=(3, size, size), pool_size=(size // 32, size // 32))
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = zoo_cfgs({
     'unireplknet_a.in1k': _in1k('unireplknet_a_in1k_224_acc77.03.pth'),
     'unireplknet_f.in1k': _in1k('unireplknet_f_in1k_224_acc78.58.pth'),
     'unireplknet_p.in1k': _in1k('unireplknet_p_in1k_224_acc80.23.pth'),
