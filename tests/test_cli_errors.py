@@ -95,7 +95,7 @@ def test_predict_fails_cleanly_on_missing_files_directories_and_typos(capsys, ph
 def test_predict_says_what_it_builds_and_shows_progress_for_one_image(capsys, photo):
     code, out, err = run(capsys, 'predict', 'spartan_tiny', photo, '--random', '--top-k', '1')
     assert code == 0 and out.splitlines()[0] == str(photo)
-    assert 'zoo predict: building spartan_tiny with random weights' in err and '1/1' in err  # the tqdm bar
+    assert 'zoo predict: building spartan_tiny with random weights...' in err and '1/1' in err  # the tqdm bar
 
 
 def test_predict_sends_a_video_model_elsewhere(capsys, photo):

@@ -24,9 +24,9 @@ from zoo.registry import check_model_name
 from zoo.tasks import DENSE_STRIDE, padded_size
 
 
-def _say(args, message: str) -> None:
-    """One line on stderr about what a slow step is doing, so that nobody waits in silence."""
-    print(f'zoo {args.command}: {message}', file=sys.stderr, flush=True)
+def _say(args, doing: str) -> None:
+    """One line on stderr about what a slow step is doing (ending in '...'), so that nobody waits in silence."""
+    print(f'zoo {args.command}: {doing}...', file=sys.stderr, flush=True)
 
 
 def _load_model(args, source: str, pretrained: bool = True):
@@ -205,9 +205,9 @@ def _cmd_compress(args) -> None:
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
     if result['psnr'] < _LOW_VIDEO_PSNR:
-        _say(args, f'warning: PSNR {result["psnr"]:.1f} dB is far below what a video model gives on the video '
-                   f'it was fitted to (over {_LOW_VIDEO_PSNR} dB). Are these its frames? A video model decodes only '
-                   'its own video; fit one to these frames with training/train.py')
+        print(f'zoo compress: warning: PSNR {result["psnr"]:.1f} dB is far below what a video model gives on the '
+              f'video it was fitted to (over {_LOW_VIDEO_PSNR} dB). Are these its frames? A video model decodes '
+              'only its own video; fit one to these frames with training/train.py', file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return
