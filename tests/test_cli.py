@@ -77,8 +77,8 @@ def test_predict_prints_top_k_with_imagenet_labels(capsys, tmp_path):
 def test_predict_refuses_a_file_that_is_not_an_image(capsys, tmp_path):
     bad = tmp_path / 'notes.txt'
     bad.write_text('hello')
-    with pytest.raises(SystemExit, match='cannot read image'):
-        cli.main(['predict', 'spartan_tiny', str(bad), '--random'])
+    code, _, err = run(capsys, 'predict', 'spartan_tiny', str(bad), '--random')
+    assert code == 2 and f'cannot read image {bad}' in err
 
 
 def test_convert_official_checkpoint_to_a_hub_folder(capsys, tmp_path):

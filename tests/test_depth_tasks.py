@@ -113,11 +113,21 @@ def _image(h=40, w=56):
     return Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def test_depth_picture_is_a_colour_png_of_the_image_size(small_depth_model, tmp_path):
+def test_depth_picture_is_the_map_with_a_colour_bar(small_depth_model, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    bars, colorbar = [], Figure.colorbar
+
+    def spy(self, *args, **kwargs):
+        bars.append(kwargs)
+        return colorbar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, 'colorbar', spy)
     out = save_depth_picture(small_depth_model, _image(), tmp_path / 'sub' / 'a.png')
     assert out == tmp_path / 'sub' / 'a.png' and sorted(p.name for p in out.parent.iterdir()) == ['a.png']
-    picture = np.asarray(Image.open(out))
-    assert picture.shape == (40, 56, 3) and picture.dtype == np.uint8
+    assert bars and bars[0]['label'] == 'depth (m)'
+    picture = np.asarray(Image.open(out).convert('RGB'))
+    assert picture.shape[0] >= 256 and picture.shape[1] > 256 * 56 / 40  # the map shown 256 px tall, a bar beside it
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # a map, not a flat colour
     # `zoo predict` goes through the task hook and writes <stem>.depth.png beside the image
     image_path = tmp_path / 'room.jpg'
@@ -141,7 +151,7 @@ def test_normals_picture(tmp_path):
     assert model.task == 'normals'
     out = save_prediction(model, _image(), tmp_path / 'room.jpg')
     assert out.name == 'room.normals.png'
-    assert np.asarray(Image.open(out)).shape == (40, 56, 3)
+    assert np.asarray(Image.open(out)).shape[0] > 256  # the map shown 256 px tall, its colour key below
     assert save_normals_picture(model, _image(32, 32), tmp_path / 'n.png').is_file()
 
 

@@ -9,8 +9,8 @@ from PIL import Image
 
 from zoo.tasks import save_prediction
 from zoo.tasks.segmentation import (
-    IGNORE_INDEX, PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, save_mask_overlay, soft_dice_loss,
-    synapse_case_metrics,
+    IGNORE_INDEX, PALETTE, CeDiceLoss, dice_coefficient, hd95, overlay_mask, predict_mask, save_mask_overlay,
+    soft_dice_loss, synapse_case_metrics,
 )
 
 # Uniform probabilities 0.5 on two pixels, one of each class: per class sum(p t) = 0.5, sum(p^2) = 0.5,
@@ -143,19 +143,19 @@ def test_synapse_case_metrics_follow_the_official_empty_mask_convention():
 
 
 class HalfAndHalf(nn.Module):
-    """A 2-class 'model' that predicts class 1 on the left half of its input and class 0 on the right."""
+    """A 2-class 'model' that predicts class 1 on the left 20 columns of its input and class 0 elsewhere."""
     task = 'segmentation'
 
     def __init__(self):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(()))
         self.in_chans = 3
-        self.pretrained_cfg = dict(input_size=(3, 16, 16), mean=(0.,), std=(1.,))
+        self.pretrained_cfg = dict(input_size=(3, 16, 16), mean=(0.,), std=(1.,), label_names=['sky', 'liver'])
 
     def forward(self, x):
-        assert x.shape == (1, 3, 16, 16)
-        logits = torch.zeros(1, 2, 16, 16)
-        logits[:, 1, :, :8] = self.scale
+        assert x.shape[-2] % 32 == 0 and x.shape[-1] % 32 == 0  # padded to what the zoo's dense models take
+        logits = torch.zeros(1, 2, *x.shape[-2:])
+        logits[:, 1, :, :20] = self.scale
         return logits
 
 
@@ -173,14 +173,25 @@ def test_overlay_blends_class_colours_over_the_image_by_hand():
     assert every_class[0, 0].tolist() == out[0, 1].tolist() and every_class[0, 1].tolist() == out[0, 2].tolist()
 
 
-def test_save_mask_overlay_resizes_the_mask_back_to_the_image(tmp_path):
-    image = Image.new('RGB', (40, 20), (0, 0, 0))
-    path = save_mask_overlay(HalfAndHalf(), image, tmp_path / 'out.png')
-    out = np.asarray(Image.open(path))
-    assert out.shape == (20, 40, 3)
-    assert (out[:, :20] == np.rint(PALETTE[0] / 2)).all()
-    assert (out[:, 20:] == 0).all()
-    assert [p.name for p in tmp_path.iterdir()] == ['out.png']
+def test_predict_mask_runs_at_the_image_size_padded_and_crops_back():
+    mask = predict_mask(HalfAndHalf(), Image.new('RGB', (40, 20), (0, 0, 0)))  # run padded to 32x64
+    assert mask.shape == (20, 40)
+    assert (mask[:, :20] == 1).all() and (mask[:, 20:] == 0).all()
+
+
+def test_mask_picture_has_a_legend_of_the_classes_present(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    legends, legend = [], Figure.legend
+
+    def spy(self, *args, **kwargs):
+        legends.append([h.get_label() for h in kwargs['handles']])
+        return legend(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, 'legend', spy)
+    path = save_mask_overlay(HalfAndHalf(), Image.new('RGB', (40, 20), (0, 0, 0)), tmp_path / 'out.png')
+    assert legends == [['liver']]  # the background class (0, "sky") is neither coloured nor listed
+    assert Image.open(path).size[0] > 40 and [p.name for p in tmp_path.iterdir()] == ['out.png']
 
 
 def test_a_failed_prediction_leaves_an_existing_picture_alone(tmp_path):
@@ -198,8 +209,7 @@ def test_zoo_predict_dispatches_segmentation_models_to_the_overlay(tmp_path):
     image_path = tmp_path / 'scan.jpg'
     Image.new('RGB', (8, 8)).save(image_path)
     out = save_prediction(HalfAndHalf(), Image.open(image_path), image_path)
-    assert out == tmp_path / 'scan.segmentation.png'
-    assert Image.open(out).size == (8, 8)
+    assert out == tmp_path / 'scan.segmentation.png' and Image.open(out).size[1] >= 256  # shown 256 px tall
 
 
 def test_xnet_segmentation_colours_class_0_which_is_wall_on_ade20k(tmp_path):
@@ -217,5 +227,6 @@ def test_xnet_segmentation_colours_class_0_which_is_wall_on_ade20k(tmp_path):
         model.head.weight.zero_()
         model.head.bias.copy_(torch.tensor([5., 0., 0.]))  # class 0 everywhere
     image = Image.new('RGB', (64, 32), (0, 0, 0))
-    out = np.asarray(Image.open(save_mask_overlay(model, image, tmp_path / 'ade.png')))
+    assert (predict_mask(model, image) == 0).all()
+    out = np.asarray(overlay_mask(image, predict_mask(model, image), background=model.background_class))
     assert (out == np.rint(PALETTE[0] / 2)).all()

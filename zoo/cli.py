@@ -2,6 +2,7 @@
 import argparse
 import json
 import os
+import signal
 import shlex
 import sys
 from pathlib import Path
@@ -16,13 +17,38 @@ from tqdm import tqdm
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
-from zoo.errors import InputError, ZooError
+from zoo.errors import InputError, UnknownModelError, ZooError
 from zoo.metadata import weights_meta
+from zoo.models import FAMILIES
 from zoo.registry import check_model_name
+from zoo.tasks import DENSE_STRIDE, padded_size
+
+
+def _say(args, doing: str) -> None:
+    """One line on stderr about what a slow step is doing (ending in '...'), so that nobody waits in silence."""
+    print(f'zoo {args.command}: {doing}...', file=sys.stderr, flush=True)
+
+
+def _load_model(args, source: str, pretrained: bool = True):
+    """A Hub folder written by save_pretrained, or a registered name (its weights unless `pretrained` is False)."""
+    path = Path(source)
+    if path.is_dir():
+        _say(args, f'loading {path}')
+        return hub.load(path).eval()
+    check_model_name(source)
+    if pretrained:
+        hub.require_published_weights(source)
+    _say(args, f'building {source}' + (' and loading its weights' if pretrained else ' with random weights'))
+    return zoo.create_model(source, pretrained=pretrained).eval()
 
 
 def _cmd_list(args) -> None:
-    for name in zoo.list_models(args.pattern, pretrained=args.pretrained):
+    pattern = registry_name(args.pattern).lower()  # zoo names are lower case; `zoo/` is the zoo's name space
+    names = zoo.list_models(pattern, pretrained=args.pretrained)
+    if not names:
+        kind = 'published weight' if args.pretrained else 'zoo model'
+        raise UnknownModelError(f'no {kind} matches {args.pattern!r}; `zoo list` shows them all')
+    for name in names:
         print(name)
 
 
@@ -66,14 +92,16 @@ def _cmd_info(args) -> None:
 
 
 def _label_names(model) -> Optional[List[str]]:
-    """Class names: the checkpoint's own, or ImageNet's for a 1000/21841-class head."""
+    """Class names: the checkpoint's own, or ImageNet's for a head of an ImageNet subset's size (timm's guess
+    from the class count); None (numbers only) for any other head."""
     names = model.pretrained_cfg.get('label_names')
-    if names:
+    if names and len(names) == model.num_classes:
         return list(names)
-    if model.num_classes in (1000, 1001, 11821, 21841, 21843):
-        info = timm.data.ImageNetInfo(timm.data.infer_imagenet_subset(model) or 'imagenet-1k')
-        return [info.index_to_description(i) for i in range(model.num_classes)]
-    return None
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = timm.data.ImageNetInfo(subset)
+    return [info.index_to_description(i) for i in range(model.num_classes)]
 
 
 def _read_image(image_path):
@@ -82,29 +110,33 @@ def _read_image(image_path):
     try:
         return Image.open(image_path).convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
+        raise InputError(f'cannot read image {image_path}: {e.strerror if getattr(e, "strerror", None) else e}')
 
 
 def _cmd_predict(args) -> None:
     if args.top_k < 1:
         raise InputError(f'--top-k must be at least 1, got {args.top_k}')
-    source = Path(args.name)
-    if source.is_dir():
-        model = hub.load(source)
-    else:
-        if not args.random:
-            hub.require_published_weights(args.name)
-        model = zoo.create_model(args.name, pretrained=not args.random).eval()
+    model = _load_model(args, args.name, pretrained=not args.random)
+    if hasattr(model, 'frame_size'):
+        raise InputError(
+            f'{args.name} is a video model: it represents the one video it was fitted to and does not look at '
+            'images. Fit it with training/train.py, then `zoo compress` and `zoo decode` its video')
     if getattr(model, 'task', 'classification') != 'classification':
         from zoo.tasks import save_prediction
 
-        for image_path in tqdm(args.images, desc='predict', disable=len(args.images) < 2, file=sys.stderr):
-            print(f'{image_path} -> {save_prediction(model, _read_image(image_path), Path(image_path))}')
+        for image_path in tqdm(args.images, desc='predict', file=sys.stderr):
+            image = _read_image(image_path)
+            height, width = padded_size(image.height, image.width)
+            if (height, width) != (image.height, image.width):
+                tqdm.write(f'zoo predict: {image_path} is {image.height}x{image.width}; the model runs on it padded '
+                           f'at the bottom and right to {height}x{width} (sides a multiple of {DENSE_STRIDE}), and '
+                           'the picture is cropped back', file=sys.stderr)
+            print(f'{image_path} -> {save_prediction(model, image, Path(image_path))}')
         return
     config = timm.data.resolve_model_data_config(model)
     transform = timm.data.create_transform(**config, is_training=False)
     labels = _label_names(model)
-    for image_path in tqdm(args.images, desc='predict', disable=len(args.images) < 2, file=sys.stderr):
+    for image_path in tqdm(args.images, desc='predict', file=sys.stderr):
         with torch.no_grad():
             probs = model(transform(_read_image(image_path)).unsqueeze(0)).softmax(-1)[0]
         top = probs.topk(min(args.top_k, probs.numel()))
@@ -123,9 +155,10 @@ def _cmd_convert(args) -> None:
     if model_name is None:
         names = zoo.list_models(f'{args.family.lower()}_*')
         if len(names) != 1:
-            raise SystemExit(f'zoo convert: name the model the checkpoint is for with --model, one of {", ".join(names)}')
+            raise InputError(f'name the model the checkpoint is for with --model, one of {", ".join(names)}')
         model_name = names[0]
     kwargs = {'num_classes': args.num_classes} if args.num_classes is not None else {}
+    _say(args, f'building {model_name} and reading {args.checkpoint}')
     model = zoo.create_model(model_name, **kwargs)
     state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
     hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
@@ -151,22 +184,30 @@ def _cmd_push(args) -> None:
 
 def _cmd_card(args) -> None:
     if args.all:
+        _say(args, f'writing a card for every published weight to {cards.CARDS_DIR}')
         print(f'wrote {len(cards.write_cards())} cards to {cards.CARDS_DIR}')
     elif args.name:
         print(cards.card_for_name(args.name))
     else:
-        raise SystemExit('zoo card: give a model NAME or --all')
+        args.usage_error('give a model NAME, or --all to regenerate model_cards/')
+
+
+# A fitted HNeRV / NeRV gives 25-40 dB on its own video (the demo's 16-frame fit: 22 dB); frames of another
+# video come out as noise around 10 dB.
+_LOW_VIDEO_PSNR = 15
 
 
 def _cmd_compress(args) -> None:
     from zoo.tasks import video
 
-    source = Path(args.model)
-    if not source.is_dir():
-        hub.require_published_weights(args.model)
-    model = hub.load(source) if source.is_dir() else zoo.create_model(args.model, pretrained=True)
+    model = _load_model(args, args.model)
+    _say(args, f'reading {args.frames}, then compressing and decoding to measure it')
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
+    if result['psnr'] < _LOW_VIDEO_PSNR:
+        print(f'zoo compress: warning: PSNR {result["psnr"]:.1f} dB is far below what a video model gives on the '
+              f'video it was fitted to (over {_LOW_VIDEO_PSNR} dB). Are these its frames? A video model decodes '
+              'only its own video; fit one to these frames with training/train.py', file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -179,6 +220,7 @@ def _cmd_compress(args) -> None:
 def _cmd_decode(args) -> None:
     from zoo.tasks import video
 
+    _say(args, f'decoding {args.bitstream}')
     frames = video.decode_video(args.bitstream)
     out = video.write_frames(frames, args.out, fps=args.fps)
     print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
@@ -214,6 +256,7 @@ def _cmd_bench(args) -> None:
     from zoo.bench import bench_model
 
     check_model_name(args.name)
+    _say(args, f'building {args.name} and timing {args.warmup} + {args.repeats} batches of {args.batch}')
     result = bench_model(
         args.name, batch=args.batch, size=args.size, deploy=args.deploy, channels_last=args.channels_last,
         compile=args.compile, dtype=args.dtype, train=args.train, device=args.device, threads=args.threads,
@@ -255,43 +298,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('list', help='list zoo models')
-    p.add_argument('pattern', nargs='?', default='*', help='glob, e.g. "spartan*"')
+    p.add_argument('pattern', nargs='?', default='*', help='glob, any case, e.g. "spartan*" or "*Net*"')
     p.add_argument('--pretrained', action='store_true', help='list published weights as name.tag')
     p.set_defaults(func=_cmd_list)
 
     p = sub.add_parser('info', help='params, GMACs, input size, paper, license, weights of a model')
-    p.add_argument('name')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('name', help='model name[.tag]')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser('predict', help='top-k classes for images, or a depth map / mask picture for dense models')
     p.add_argument('name', help='model name[.tag], or a Hub folder written by save_pretrained')
-    p.add_argument('images', nargs='+')
-    p.add_argument('--top-k', type=int, default=5)
+    p.add_argument('images', nargs='+', help='image files; a dense model writes IMAGE_STEM.<task>.png beside each')
+    p.add_argument('--top-k', type=int, default=5, help='classes to print per image (default 5)')
     p.add_argument('--random', action='store_true', help='random weights (no download), to try the pipeline')
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser('convert', help='official checkpoint -> Hub folder')
-    p.add_argument('family')
-    p.add_argument('checkpoint', type=Path)
-    p.add_argument('--out', type=Path, required=True)
+    p.add_argument('family', help=f'the family whose official layout the checkpoint is in: {", ".join(FAMILIES)}')
+    p.add_argument('checkpoint', type=Path, help='the authors\' checkpoint file (read with weights_only=True)')
+    p.add_argument('--out', type=Path, required=True, help='Hub folder to write')
     p.add_argument('--model', help='zoo model the checkpoint is for (default: the family\'s only model)')
-    p.add_argument('--num-classes', type=int)
+    p.add_argument('--num-classes', type=int, help='classes of the checkpoint\'s head (default: the model\'s)')
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser('push', help='upload a Hub folder to a Hub repo')
-    p.add_argument('directory', type=Path)
-    p.add_argument('repo_id')
-    p.add_argument('--message', default='Add model')
-    p.add_argument('--private', action='store_true')
+    p.add_argument('directory', type=Path, help='a folder written by save_pretrained or zoo convert')
+    p.add_argument('repo_id', help='e.g. my-org/spartan_tiny')
+    p.add_argument('--message', default='Add model', help='commit message')
+    p.add_argument('--private', action='store_true', help='create the repo private')
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser('bench', help='images/s, latency, peak memory and GFLOP/s (vs a matmul) of a model')
-    p.add_argument('name')
-    p.add_argument('--batch', type=int, default=8)
+    p.add_argument('name', help='model name (random weights)')
+    p.add_argument('--batch', type=int, default=8, help='images per batch (default 8)')
     p.add_argument('--size', type=int, help='input height and width (default: the model\'s input size)')
     p.add_argument('--deploy', action='store_true', help='re-parameterise first (timm reparameterize_model)')
-    p.add_argument('--channels-last', action='store_true')
+    p.add_argument('--channels-last', action='store_true', help='NHWC memory format')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (with inductor freezing at inference)')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--train', action='store_true', help='time forward + backward + SGD step')
@@ -299,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, help='torch CPU threads')
     p.add_argument('--repeats', type=int, default=10, help='timed batches')
     p.add_argument('--warmup', type=int, default=2, help='untimed batches first')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser('card', help='print a model card, or regenerate model_cards/ with --all')
-    p.add_argument('name', nargs='?')
-    p.add_argument('--all', action='store_true')
+    p.add_argument('name', nargs='?', help='model name[.tag]')
+    p.add_argument('--all', action='store_true', help='regenerate model_cards/ for every published weight')
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser('compress', help='video model + its frames -> bitstream (prune, quantise, entropy-code)')
@@ -314,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--prune', type=float, default=0.1, help='fraction of decoder weights pruned (default 0.1)')
     p.add_argument('--bits', type=int, default=8, help='quantisation bits for weights and embeddings (default 8)')
     p.add_argument('--max-frames', type=int, help='use the first frames only')
-    p.add_argument('--json', action='store_true')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
     p.set_defaults(func=_cmd_compress)
 
     p = sub.add_parser('decode', help='bitstream -> frames (a folder of PNGs, or .mp4/.mkv/.mov)')
-    p.add_argument('bitstream', type=Path)
-    p.add_argument('out', type=Path)
+    p.add_argument('bitstream', type=Path, help='a file written by zoo compress')
+    p.add_argument('out', type=Path, help='a folder of PNGs, or a video file (.mp4, .mkv, .mov)')
     p.add_argument('--fps', type=int, default=25, help='frame rate of a video OUT (default 25)')
     p.set_defaults(func=_cmd_decode)
 
@@ -356,17 +399,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--bits', type=int, help='quantisation bits (default 8)')
     g.add_argument('--bitstream', type=Path, help='keep the bitstream at this path (default: a temporary file)')
     p.set_defaults(func=_cmd_validate)
+
+    for action in sub._choices_actions:  # `zoo CMD --help` opens with the line `zoo --help` shows for CMD
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help[0].upper() + action.help[1:] + '.'
+        command.set_defaults(usage_error=command.error)
     return parser
 
 
+def _error_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f'{e.filename}: {e.strerror}'  # `[Errno 21] Is a directory: 'x'` read as a person would say it
+    return str(e)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. Errors meant for a person (a ZooError, a bad value, a file that cannot be read or written)
+    are one line on stderr and a non-zero exit; anything else is a bug and keeps its traceback. ZOO_DEBUG=1 shows
+    the traceback of every error."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ZooError, FileNotFoundError, ValueError) as e:
+        sys.stdout.flush()  # a closed pipe shows up here rather than at exit, where it could not be handled
+    except BrokenPipeError:  # `zoo card NAME | head`: the reader has gone, as with any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush stays quiet
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
         if os.environ.get('ZOO_DEBUG') == '1':
             raise
-        print(f'zoo {args.command}: {e}', file=sys.stderr)
+        print(f'zoo {args.command}: interrupted', file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (ZooError, OSError, ValueError) as e:
+        if os.environ.get('ZOO_DEBUG') == '1':
+            raise
+        print(f'zoo {args.command}: {_error_message(e)}', file=sys.stderr)
         return getattr(e, 'exit_code', 2)
     return 0
 

@@ -49,9 +49,9 @@ def check_model_name(model_name: str) -> str:
     close suggestions."""
     model_name = registry_name(model_name)
     arch, tag = timm.models.split_model_name_tag(model_name)
-    if not timm.is_model(arch):
-        known = timm.list_models()
-        close = difflib.get_close_matches(arch, known, n=5, cutoff=0.6)
+    if not timm.is_model(arch):  # the zoo's own names first: timm's thousand others only when none is close
+        close = difflib.get_close_matches(arch, list_models(), n=5, cutoff=0.6) or difflib.get_close_matches(
+            arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f'; did you mean {", ".join(close)}?' if close else '; `zoo list` shows the zoo models'
         raise UnknownModelError(f'unknown model {model_name!r}{hint}')
     if tag:

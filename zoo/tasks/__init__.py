@@ -5,12 +5,52 @@ hands them to `save_prediction`, which writes a picture a person can look at nex
 """
 import importlib
 from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from zoo.hub import write_atomically
+
+# Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
+DENSE_STRIDE = 32
 
 _PICTURE_WRITERS = {
     'depth': ('zoo.tasks.depth', 'save_depth_picture'),
     'normals': ('zoo.tasks.depth', 'save_normals_picture'),
     'segmentation': ('zoo.tasks.segmentation', 'save_mask_overlay'),
 }
+
+
+def padded_size(height: int, width: int, stride: int = DENSE_STRIDE) -> Tuple[int, int]:
+    """The smallest size at or above (height, width) whose sides are multiples of `stride`."""
+    return -(-height // stride) * stride, -(-width // stride) * stride
+
+
+@torch.no_grad()
+def predict_padded(model, x: torch.Tensor) -> torch.Tensor:
+    """A dense model's output for a batch (B, C, H, W) of any size, as float on the CPU: the batch is padded at
+    the bottom and right (edge pixels repeated) to sides that are multiples of `DENSE_STRIDE`, and the output
+    cropped back to H x W. Every `zoo predict` picture goes through here, so all dense models see an image the
+    same way: at its own size, never resized."""
+    height, width = x.shape[-2:]
+    padded_height, padded_width = padded_size(height, width)
+    x = F.pad(x, (0, padded_width - width, 0, padded_height - height), mode='replicate')
+    return model.eval()(x)[..., :height, :width].float().cpu()
+
+
+def figure(height: int, width: int, extra_width: float = 0.2, extra_height: float = 0.2):
+    """A matplotlib Figure for an (height, width) picture, shown at least 256 px tall at its aspect, with
+    `extra_width` / `extra_height` inches for its key (colour bar, legend, labels)."""
+    from matplotlib.figure import Figure  # slow to import and needed only to draw: `import zoo` never loads it
+
+    scale = max(1., 256 / height) / 100  # inches per pixel at 100 dpi
+    return Figure(figsize=(width * scale + extra_width, height * scale + extra_height), dpi=100, layout='constrained')
+
+
+def save_figure(fig, path) -> Path:
+    """Write a Figure as PNG, atomically (a failure leaves any old file in place)."""
+    return write_atomically(path, lambda f: fig.savefig(f, format='png'))
 
 
 def save_prediction(model, image, image_path: Path) -> Path:

@@ -14,8 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.tasks import figure, predict_padded, save_figure
+
 __all__ = [
-    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'colorize_depth', 'depth_metrics', 'eval_mask', 'image_to_tensor',
+    'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'depth_metrics', 'eval_mask', 'image_to_tensor',
     'kitti_benchmark_crop', 'save_depth_picture', 'save_normals_picture',
 ]
 
@@ -173,36 +175,31 @@ def image_to_tensor(model: nn.Module, image) -> torch.Tensor:
 
 
 def _predict(model: nn.Module, image) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(image_to_tensor(model, image))[0].float().cpu()
-
-
-def _write_png(rgb: np.ndarray, out_path: Union[str, Path]) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG, atomically."""
-    from PIL import Image
-
-    from zoo.hub import write_atomically
-
-    return write_atomically(out_path, lambda f: Image.fromarray(rgb).save(f, format='PNG'))
-
-
-def colorize_depth(depth: np.ndarray, cmap: str = 'magma_r') -> np.ndarray:
-    """(H, W) depth -> (H, W, 3) uint8, near bright and far dark, scaled between the 2nd and 98th percentiles."""
-    from matplotlib import colormaps
-
-    lo, hi = np.percentile(depth, (2, 98))
-    scaled = np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1)
-    return (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
+    return predict_padded(model, image_to_tensor(model, image))[0]
 
 
 def save_depth_picture(model: nn.Module, image, out_path: Union[str, Path]) -> Path:
-    """Predict depth for a PIL `image` and write it, colourised, as a PNG of the image's size at `out_path`."""
+    """Predict depth for a PIL `image` and write it at `out_path` as a PNG with a colour bar in metres: the map
+    at the image's own size (shown at least 256 px tall), near bright and far dark, the colours spread over the
+    2nd to 98th percentile of the depths."""
     depth = _predict(model, image)[0].numpy()
-    return _write_png(colorize_depth(depth), out_path)
+    lo, hi = np.percentile(depth, (2, 98))
+    fig = figure(*depth.shape, extra_width=1.4)
+    ax = fig.add_subplot()
+    shown = ax.imshow(depth, cmap='magma_r', vmin=lo, vmax=max(hi, lo + 1e-6), interpolation='nearest')
+    ax.set_axis_off()
+    fig.colorbar(shown, ax=ax, extend='both', label='depth (m)')
+    return save_figure(fig, out_path)
 
 
 def save_normals_picture(model: nn.Module, image, out_path: Union[str, Path]) -> Path:
-    """Predict surface normals for a PIL `image` and write them as RGB = (xyz + 1) / 2 at `out_path`."""
+    """Predict surface normals for a PIL `image` and write them at `out_path` as colours, RGB = (xyz + 1) / 2,
+    with that key written under the picture."""
     normals = _predict(model, image).permute(1, 2, 0).numpy()
     normals = normals / np.maximum(np.linalg.norm(normals, axis=-1, keepdims=True), 1e-6)
-    return _write_png(((normals + 1) * 127.5).round().clip(0, 255).astype(np.uint8), out_path)
+    fig = figure(*normals.shape[:2], extra_height=0.5)
+    ax = fig.add_subplot()
+    ax.imshow(((normals + 1) / 2).clip(0, 1), interpolation='nearest')
+    ax.set_axis_off()
+    fig.supxlabel('surface normals: (R, G, B) = ((x, y, z) + 1) / 2', fontsize='small')
+    return save_figure(fig, out_path)

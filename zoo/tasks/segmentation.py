@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from zoo.hub import write_atomically
+from zoo.tasks import figure, predict_padded, save_figure
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -173,21 +173,16 @@ def per_channel(values, channels: int) -> torch.Tensor:
 
 
 def predict_mask(model: nn.Module, image: Image.Image) -> np.ndarray:
-    """Class map (H, W) of a PIL image at its own size: resized to the model's input size, scaled to [0, 1]
-    and normalised with the model's mean / std; argmax of the logits, or sigmoid > 0.5 for one class."""
+    """Class map (H, W) of a PIL image at its own size (padded as `zoo.tasks.predict_padded` does), scaled to
+    [0, 1] and normalised with the model's mean / std; argmax of the logits, or sigmoid > 0.5 for one class."""
     cfg = model.pretrained_cfg
-    in_chans, height, width = cfg.get('input_size', (3, 224, 224))
-    in_chans = getattr(model, 'in_chans', in_chans)
-    resized = image.convert('L' if in_chans == 1 else 'RGB').resize((width, height), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.).reshape(height, width, in_chans)
+    in_chans = getattr(model, 'in_chans', cfg.get('input_size', (3,))[0])
+    pixels = np.asarray(image.convert('L' if in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
+    x = torch.from_numpy(pixels).reshape(image.height, image.width, in_chans)
     x = (x - per_channel(cfg.get('mean', 0.), in_chans)) / per_channel(cfg.get('std', 1.), in_chans)
-    x = x.permute(2, 0, 1).unsqueeze(0)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(x.to(device)).float().cpu()
+    logits = predict_padded(model, x.permute(2, 0, 1).unsqueeze(0).to(next(model.parameters()).device))
     mask = (logits[:, 0] > 0) if logits.shape[1] == 1 else logits.argmax(dim=1)
-    mask = F.interpolate(mask[:, None].float(), size=(image.height, image.width), mode='nearest')
-    return mask[0, 0].long().numpy()
+    return mask[0].long().numpy()
 
 
 def overlay_mask(
@@ -200,20 +195,37 @@ def overlay_mask(
     rgb = np.asarray(image.convert('RGB'), dtype=np.float64)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f'mask {mask.shape} and image {rgb.shape[:2]} differ in size')
-    first = 0 if background is None else background + 1
     coloured = np.ones(mask.shape, dtype=bool) if background is None else mask != background
-    colours = PALETTE[(mask[coloured] - first) % len(PALETTE)]
+    colours = class_colour(mask[coloured], background)
     rgb[coloured] = (1 - alpha) * rgb[coloured] + alpha * colours
     return Image.fromarray(np.rint(rgb).astype(np.uint8))
 
 
-def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str, Path]) -> Path:
-    """Predict a mask for `image` and write it blended over the image as a PNG at `out_path`.
+def class_colour(index: int, background: Optional[int] = 0) -> np.ndarray:
+    """The RGB colour (0-255) `overlay_mask` gives class `index`."""
+    first = 0 if background is None else background + 1
+    return PALETTE[(index - first) % len(PALETTE)]
 
-    The model's `background_class` (0 unless it says otherwise) is left uncoloured. The PNG is written beside
-    `out_path` first and moved into place, so a failure never leaves half a file.
+
+def save_mask_overlay(model: nn.Module, image: Image.Image, out_path: Union[str, Path]) -> Path:
+    """Predict a mask for `image` and write it blended over the image as a PNG at `out_path`, with a legend of
+    the classes present (the model's `label_names`, else "class i") beside it.
+
+    The model's `background_class` (0 unless it says otherwise) is left uncoloured and out of the legend. The
+    PNG is written beside `out_path` first and moved into place, so a failure never leaves half a file.
     """
-    out_path = Path(out_path)
-    picture = overlay_mask(image, predict_mask(model, image), background=getattr(model, 'background_class', 0))
-    write_atomically(out_path, lambda f: picture.save(f, format='PNG'))
-    return out_path
+    from matplotlib.patches import Patch  # slow to import and needed only to draw: `import zoo` never loads it
+
+    background = getattr(model, 'background_class', 0)
+    mask = predict_mask(model, image)
+    names = model.pretrained_cfg.get('label_names') or []
+    present = [int(i) for i in np.unique(mask) if i != background]
+    legend = [Patch(color=class_colour(i, background) / 255, label=names[i] if i < len(names) else f'class {i}')
+              for i in present]
+    fig = figure(image.height, image.width, extra_width=1.8)
+    ax = fig.add_subplot()
+    ax.imshow(overlay_mask(image, mask, background=background), interpolation='nearest')
+    ax.set_axis_off()
+    fig.legend(handles=legend or [Patch(color='none', label='no class found')], loc='outside right upper',
+               fontsize='small', frameon=False)
+    return save_figure(fig, Path(out_path))

@@ -20,9 +20,9 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from zoo.hub import write_atomically
+from zoo.tasks import figure, save_figure
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
@@ -178,12 +178,24 @@ def decode_speed(model: torch.nn.Module, embeddings: torch.Tensor, repeats: int 
 
 
 def side_by_side(original: torch.Tensor, decoded: torch.Tensor, path: Path, columns: int = 4) -> Path:
-    """A PNG with `columns` frames spread over the video: originals on top, decoded frames below."""
-    picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long()
-    rows = [torch.cat(list(frames[picks]), dim=-1) for frames in (original, decoded)]
-    grid = torch.cat(rows, dim=-2).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
-    write_atomically(path, lambda f: Image.fromarray(grid).save(f, format='PNG'))
-    return path
+    """A PNG with `columns` frames spread over the video, each row labelled: the original frames on top, the
+    frames decoded from the bitstream below, with each frame's number and PSNR."""
+    picks = torch.linspace(0, len(original) - 1, min(columns, len(original))).round().long().tolist()
+    height, width = original.shape[-2:]
+    fig = figure(2 * height, len(picks) * width, extra_width=0.4, extra_height=0.8)
+    axes = fig.subplots(2, len(picks), squeeze=False)
+    for column, index in enumerate(picks):
+        for row, frames in enumerate((original, decoded)):
+            ax = axes[row, column]
+            ax.imshow(frames[index].clamp(0, 1).permute(1, 2, 0).numpy(), interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, column].set_title(f'frame {index}', fontsize='small')
+        axes[1, column].set_xlabel(f'PSNR {psnr(decoded[index:index + 1], original[index:index + 1]).item():.1f} dB',
+                                   fontsize='small')
+    axes[0, 0].set_ylabel('original')
+    axes[1, 0].set_ylabel('decoded')
+    return save_figure(fig, path)
 
 
 def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics: Dict[str, Any],
@@ -198,7 +210,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
             embeddings = model.encode(index=torch.arange(len(frames)))
     reloaded = _quality(torch.cat([model.decode(e) for e in embeddings.split(4)]).float(), frames)
     fps = decode_speed(model, embeddings)
-    bitstream = output_dir / 'video.zoo'
+    bitstream = output_dir / 'video.zvid'
     compressed = compress(model, bitstream, frames=frames, embeddings=embeddings if model.stored_embeddings else None)
     decoded = decode_video(bitstream)
     picture = side_by_side(frames, decoded, output_dir / 'side_by_side.png')
@@ -224,5 +236,5 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  PSNR          {compressed["psnr"]:.2f} dB decoded from the bitstream'
           + (f', MS-SSIM {compressed["ms_ssim"]:.4f}' if compressed['ms_ssim'] is not None else ''))
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
-    print(f'  side by side  {picture} (top: original, bottom: decoded from the bitstream)')
+    print(f'  side by side  {picture} (original frames over those decoded from the bitstream)')
     return summary
