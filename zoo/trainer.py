@@ -50,7 +50,7 @@ TRAIN_DEFAULTS = dict(
     warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, grad_accum=1, clip_grad=None, mixed_precision='no', seed=0,
     checkpoint_every=0, keep_checkpoints=2, log_every=10, log_with=None, num_workers=0, ema_decay=None,
     grad_checkpointing=False, lr_groups={}, warmup_prefix=False, decay_epochs=None, decay_rate=0.1,
-    sched_on_epochs=False,
+    sched_on_epochs=False, fresh=False,
 )
 
 
