@@ -5,7 +5,7 @@ FreSh chooses (zoo.tasks.fresh.choose_encoding) are fitted with the same seed, o
 the per-frame-mean PSNR of the whole clip is printed as a markdown table. Clips are made from scikit-image photos
 (zoo.tasks.video_fitting.make_demo_clip): `astronaut` as the README demo (hnerv_demo.yaml), and a second scene.
 
-    python benchmarks/fresh_psnr.py --steps 400 --threads 2
+    python benchmarks/fresh_psnr.py --steps 300 --threads 1 [--clips astronaut coffee]
 """
 import argparse
 import time
@@ -18,7 +18,7 @@ from zoo.tasks.video import fitting_loss, psnr
 from zoo.tasks.video_fitting import make_demo_clip
 
 CLIPS = {
-    'astronaut (demo)': dict(image='astronaut', num_frames=16, pan=0.3, zoom=0.15),
+    'astronaut': dict(image='astronaut', num_frames=16, pan=0.3, zoom=0.15),
     'coffee': dict(image='coffee', num_frames=16, pan=1.0, zoom=0.3),
 }
 # The Bunny recipes' decoders, narrowed for 96x192 frames on a CPU (strides 3,2,2,2,2 reach 96x192 from 2x4).
@@ -53,12 +53,13 @@ def main():
     parser.add_argument('--steps', type=int, default=400)
     parser.add_argument('--lr', type=float, default=2e-3)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--clips', nargs='+', default=list(CLIPS), choices=list(CLIPS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print('| clip | model | encoding | base | levels | spectrum distance | PSNR (dB) |')
     print('|---|---|---|---|---|---|---|')
-    for clip, spec in CLIPS.items():
-        frames = make_demo_clip(frame_size=(96, 192), **spec)
+    for clip in args.clips:
+        frames = make_demo_clip(frame_size=(96, 192), **CLIPS[clip])
         for name, model_args in MODELS.items():
             model_args = {**model_args, 'frame_size': (96, 192), 'num_frames': len(frames)}
             start = time.perf_counter()

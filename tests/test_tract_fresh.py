@@ -11,13 +11,7 @@ from zoo.tasks import fresh
 from zoo.tasks.video_fitting import make_demo_clip, model_kwargs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread avoids oversubscribing a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _stem_net():

@@ -200,6 +200,11 @@ def _cmd_explain(args) -> None:
     numbers = {k: v for k, v in result.values.items() if isinstance(v, (int, float))}
     if numbers:
         print(json.dumps(numbers))
+    if args.method == 'linear':
+        values = result.values
+        for k, linear, share in zip(values['classes'], values['linear'].tolist(), values['bias_share'].tolist()):
+            print(f'  class {k}: logit {values["logits"][k]:.4g} = A x {linear:.4g} + bias path '
+                  f'{values["bias"][k]:.4g} (bias share {share:.1%})')
 
 
 def build_parser() -> argparse.ArgumentParser:
