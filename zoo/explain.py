@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils._pytree import tree_flatten, tree_map
@@ -204,12 +206,12 @@ def convit_attention(model: nn.Module, x: torch.Tensor, out_dir: Path, layer=Non
 
     gpsa = [(n, m) for n, m in modules if type(m).__name__ == 'GPSA']
     gates = torch.stack([torch.sigmoid(m.gating_param.detach().float().cpu()) for _, m in gpsa])
-    fig = Figure(figsize=(1.0 + 0.5 * gates.shape[1], 1.2 + 0.35 * len(gpsa)), layout='constrained')
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.5 * gates.shape[1]), 1.4 + 0.35 * len(gpsa)), layout='constrained')
     ax = fig.subplots()
     _heat(ax, gates, fig, '', cmap='coolwarm', vmin=0, vmax=1, label='sigma(lambda): positional share')
     ax.set_yticks(range(len(gpsa)), [n.rsplit('.', 1)[0] for n, _ in gpsa], fontsize=7)
     ax.set_xticks(range(gates.shape[1]), [f'h{i}' for i in range(gates.shape[1])], fontsize=7)
-    fig.suptitle(f'{_name(model)}: GPSA gate per head (1 = positional attention, 0 = content)', fontsize=9)
+    fig.suptitle(f'{_name(model)}: GPSA gate per head\n(1 = positional attention, 0 = content)', fontsize=9)
     result.pictures.append(_save(fig, out_dir / 'attention_gates.png'))
     result.values['gates'] = gates
 
@@ -661,10 +663,11 @@ def linear_interpreter(model: nn.Module, x: torch.Tensor, out_dir: Path, target_
         ax0.imshow(_to_rgb(model, x[0]))
         ax0.set_title('input', fontsize=8)
         ax0.axis('off')
-        im = ax1.imshow((row / (2 * bound) + 0.5).clamp(0, 1).permute(1, 2, 0).numpy())
+        ax1.imshow((row / (2 * bound) + 0.5).clamp(0, 1).permute(1, 2, 0).numpy())
         ax1.set_title('row of A as RGB (grey = 0)', fontsize=8)
         ax1.axis('off')
-        fig.colorbar(im, ax=ax1, fraction=0.046, pad=0.04, label=f'weight / {2 * bound:.2g} + 0.5')
+        fig.colorbar(ScalarMappable(Normalize(-bound, bound), 'gray'), ax=ax1, fraction=0.046, pad=0.04,
+                     label='weight, each of R, G, B')
         _heat(ax2, vote, fig, 'pixel-wise vote: row * input, summed over RGB', cmap='RdBu_r', vmin=-vbound,
               vmax=vbound, label='contribution to the logit')
         share = bias[k].item() / logits[k].item() if logits[k].item() else float('nan')
@@ -677,12 +680,12 @@ def linear_interpreter(model: nn.Module, x: torch.Tensor, out_dir: Path, target_
     column = interpreter.column((py, px)).detach()
     shown = column.abs().topk(min(10, len(column))).indices
     bound = column[shown].abs().max().item() or 1.0
-    fig = Figure(figsize=(4.2, 4.2), layout='constrained')
+    fig = Figure(figsize=(6.4, 4.6), layout='constrained')
     ax = fig.subplots()
     _heat(ax, column[shown][:, None], fig, '', cmap='RdBu_r', vmin=-bound, vmax=bound, label='change of the logit')
     ax.set_yticks(range(len(shown)), [_class_name(model, k) for k in shown.tolist()], fontsize=7)
     fig.suptitle(f'{_name(model)}, linear interpreter, {layer}:\ncolumn of A at pixel ({py}, {px}) '
-                 f'(a unit white pixel), its 10 largest logit changes', fontsize=9)
+                 f'(a unit white pixel):\nits {len(shown)} largest logit changes', fontsize=9)
     result.pictures.append(_save(fig, out_dir / f'linear_column_{py}_{px}.png'))
     result.values['column'] = column
     return result
