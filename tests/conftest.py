@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/hub_server.py, importable from any rootdir
 
@@ -82,3 +83,12 @@ def hub(hub_server, tmp_path, monkeypatch):
     yield hub_server
     assert not hub_server.errors, f'the fake Hub failed: {hub_server.errors}'
     assert not hub_server.unhandled, f'huggingface_hub called routes the fake Hub lacks: {hub_server.unhandled}'
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny models: more only oversubscribes a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,5 @@
-"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench, validate."""
+"""The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench, validate,
+explain."""
 import argparse
 import json
 import os
@@ -292,6 +293,26 @@ def _cmd_validate(args) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _cmd_explain(args) -> None:
+    from zoo import explain  # matplotlib and captum: only for this command
+
+    source = Path(args.name)
+    model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
+    result = explain.explain(
+        model, args.image, method=args.method, out_dir=args.out, input_size=args.size, layer=args.layer,
+        target_class=args.target_class, top_k=args.top_k, channel=args.channel, steps=args.steps)
+    for path in result.pictures:
+        print(path)
+    numbers = {k: v for k, v in result.values.items() if isinstance(v, (int, float))}
+    if numbers:
+        print(json.dumps(numbers))
+    if args.method == 'linear':
+        values = result.values
+        for k, linear, share in zip(values['classes'], values['linear'].tolist(), values['bias_share'].tolist()):
+            print(f'  class {k}: logit {values["logits"][k]:.4g} = A x {linear:.4g} + bias path '
+                  f'{values["bias"][k]:.4g} (bias share {share:.1%})')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -399,6 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--bits', type=int, help='quantisation bits (default 8)')
     g.add_argument('--bitstream', type=Path, help='keep the bitstream at this path (default: a temporary file)')
     p.set_defaults(func=_cmd_validate)
+
+
+    p = sub.add_parser('explain', help='pictures of what a model sees: feature maps, attention, Grad-CAM, '
+                                       'integrated gradients, activation maximisation, linear interpreter')
+    p.add_argument('name', help='model name[.tag], or a Hub folder written by save_pretrained')
+    p.add_argument('image')
+    p.add_argument('--method', default='features', choices=['features', 'attention', 'gradcam',
+                                                            'integrated-gradients', 'maximize', 'linear'])
+    p.add_argument('--layer', help='module name of a stage or block (default: every stage, or the last)')
+    p.add_argument('--target-class', type=int, help='class to explain (default: the predicted one)')
+    p.add_argument('--channel', type=int, help='maximize: a channel of --layer instead of a class')
+    p.add_argument('--top-k', type=int, help='features: channels per stage; linear: classes besides the target')
+    p.add_argument('--steps', type=int, help='maximize: optimisation steps; integrated-gradients: path steps')
+    p.add_argument('--size', type=int, help='input height and width (default: the model\'s data config)')
+    p.add_argument('--random', action='store_true', help='random weights (no download), to try the pipeline')
+    p.add_argument('--out', '-o', type=Path, default=Path('explain'), help='folder for the pictures (default explain/)')
+    p.set_defaults(func=_cmd_explain)
 
     for action in sub._choices_actions:  # `zoo CMD --help` opens with the line `zoo --help` shows for CMD
         command = sub.choices[action.dest]

@@ -34,7 +34,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import zoo
-from zoo import hub
+from zoo import hub, tract
 from zoo.errors import CheckpointError, RecipeError
 from zoo.hub import RECIPE_NAME
 
@@ -58,7 +58,7 @@ TRAIN_DEFAULTS = dict(
     warmup_epochs=0, warmup_lr=0.0, min_lr=0.0, grad_accum=1, clip_grad=None, mixed_precision='no', seed=0,
     checkpoint_every=0, keep_checkpoints=2, log_every=10, log_with=None, num_workers=0, ema_decay=None,
     grad_checkpointing=False, lr_groups={}, warmup_prefix=False, decay_epochs=None, decay_rate=0.1,
-    sched_on_epochs=False,
+    sched_on_epochs=False, fresh=False, tract=None,
 )
 
 
@@ -399,6 +399,7 @@ def train(
 
     model_args = task.model_kwargs(recipe, data) if hasattr(task, 'model_kwargs') else recipe['model_args']
     model = zoo.create_model(recipe['model'], **model_args)
+    tract.attach(model, cfg['tract'])  # train.tract: TrAct's hook on the first layer's weight gradient
     if cfg['grad_checkpointing']:
         model.set_grad_checkpointing(True)
     train_set, eval_set, collate = task.datasets(recipe, model, data=data, output_dir=output_dir)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.hub import write_atomically
-from zoo.tasks import figure, save_figure
+from zoo.tasks import figure, fresh, save_figure
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
@@ -81,9 +81,18 @@ def load_video(recipe: Dict[str, Any], data: Optional[str] = None) -> torch.Tens
 
 
 def model_kwargs(recipe: Dict[str, Any], data: Optional[str] = None) -> Dict[str, Any]:
-    """The recipe's model arguments, with `frame_size` and `num_frames` taken from the video."""
+    """The recipe's model arguments, with `frame_size` and `num_frames` taken from the video, and with
+    `train.fresh` the positional encoding FreSh chooses for it (written back into the recipe)."""
     frames = load_video(recipe, data)
-    return {**recipe['model_args'], 'frame_size': tuple(frames.shape[-2:]), 'num_frames': len(frames)}
+    args = {**recipe['model_args'], 'frame_size': tuple(frames.shape[-2:]), 'num_frames': len(frames)}
+    settings = recipe['train'].get('fresh')
+    if settings:  # true, or {bases: [...], levels: [...], seeds: [...]} to search another grid
+        args, table = fresh.choose_encoding(recipe['model'], args, frames, **({} if settings is True else settings))
+        best = min(table, key=lambda row: row['distance'])
+        print(f'FreSh: positional encoding base {best["base"]}, {best["levels"]} levels (spectrum distance '
+              f'{best["distance"]:.4f}, of {len(table)} candidates)')
+        recipe['model_args'] = {**recipe['model_args'], **{k: args[k] for k in ('pe', 'pe_base', 'pe_levels') if k in args}}
+    return args
 
 
 def inpainting_mask(frame_size: Tuple[int, int], box: int) -> torch.Tensor:
