@@ -3,8 +3,10 @@
 A tiny timm ConvNeXt (`test_convnext`) on 32x32 images keeps each run to a few seconds; the loop is the
 same for every model.
 """
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import zoo
 from zoo import hub, trainer
 from zoo.hub import load as load_from_hub  # the `hub` fixture shadows the module in tests that use it
 
@@ -49,6 +52,15 @@ def recipe_path(tmp_path_factory, image_folder):
         aug=dict(hflip=0.5, mixup=0.2, label_smoothing=0.1),
     )))
     return path
+
+
+@pytest.fixture(scope='module')
+def train_script():
+    """training/train.py as a module, for calling its `main` in this process."""
+    spec = importlib.util.spec_from_file_location('train_script', REPO / 'training' / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _weights(run_dir: Path, step: int = None):
@@ -134,22 +146,74 @@ def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
 
 
 def test_reproduce_refuses_a_folder_without_a_recipe(tmp_path):
-    with pytest.raises(FileNotFoundError, match='not made by a zoo recipe'):
+    with pytest.raises(zoo.errors.InputError, match='not made by a zoo recipe'):
         trainer.reproduce(tmp_path, tmp_path / 'out')
 
 
 @pytest.mark.parametrize('change, message', [
     ({'task': 'painting'}, "unknown task 'painting'"),
-    ({'train': {'learning_rate': 1}}, "unknown train keys \\['learning_rate'\\]"),
     ({'model': 'spartan_tiyn'}, 'spartan_tiny'),
+    ({'modle_args': {}}, "unknown key 'modle_args'; did you mean 'model_args'"),
+    ({'train': {'warmup_epoch': 1}}, "unknown key 'train.warmup_epoch'; did you mean 'warmup_epochs'"),
+    ({'train': {'xyz': 1}}, "unknown key 'train.xyz'; known keys: batch_size, "),
+    ({'data': {'input_sise': [32, 32]}}, "unknown key 'data.input_sise'; did you mean 'input_size'"),
+    ({'aug': {'hfilp': 0.5}}, "unknown key 'aug.hfilp'; did you mean 'hflip'"),
+    ({'train': {'epochs': 'abc'}}, "train.epochs must be an integer, got 'abc'"),
+    ({'train': {'lr': 'fast'}}, "train.lr must be a number, got 'fast'"),
+    ({'train': {'epochs': -1}}, 'train.epochs must be at least 1, got -1'),
+    ({'train': {'grad_checkpointing': 1}}, 'train.grad_checkpointing must be true or false, got 1'),
+    ({'train': {'mixed_precision': 'fp17'}}, 'train.mixed_precision must be one of no, fp16, bf16'),
+    ({'train': [1, 2]}, 'train must be a mapping, got \\[1, 2\\]'),
+    ({'data': {'input_size': 32}}, 'data.input_size must be a list, got 32'),
+    ({'loss': 'l2'}, "task 'classification' has no choice of loss"),
 ])
 def test_bad_recipes_are_refused_with_the_reason(recipe_path, tmp_path, change, message):
     recipe = yaml.safe_load(recipe_path.read_text())
     recipe.update(change)
     path = tmp_path / 'bad.yaml'
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(zoo.ZooError, match=message):
         trainer.load_recipe(path)
+
+
+@pytest.mark.parametrize('task, section', [('video', 'data'), ('depth', 'data'), ('segmentation', 'data')])
+def test_every_task_refuses_a_misspelt_data_key(task, section, tmp_path):
+    recipe = dict(source='test', model='test_convnext', task=task, data={'benchmrk': 'nyu'})
+    with pytest.raises(trainer.RecipeError, match=f"unknown key '{section}.benchmrk'"):
+        trainer.check_recipe(recipe)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['train.epochs=abc'], "train.epochs must be an integer, got 'abc'"),
+    (['train.lr=fast'], "train.lr must be a number, got 'fast'"),
+    (['train.epochs=-1'], 'train.epochs must be at least 1'),
+    (['train=[1, 2]'], 'train must be a mapping'),
+    (['train.lr=1e-3', 'source.x=1'], "override 'source.x=1': source is 'test recipe', not a section with keys"),
+    (['loss.x=1'], "loss must be a string, got \\{'x': 1\\}"),
+    (['model_args.num_clases=3'], 'model_args.num_clases is not an argument of test_convnext'),
+])
+def test_recipe_errors_on_the_command_line_are_one_line(
+        train_script, recipe_path, image_folder, tmp_path, capsys, monkeypatch, argv, message):
+    """training/train.py prints a recipe error as one line and exits with RecipeError's code, no traceback."""
+    monkeypatch.delenv('ZOO_DEBUG', raising=False)
+    code = train_script.main(['--recipe', str(recipe_path), '--data', str(image_folder),
+                              '--output-dir', str(tmp_path / 'run'), *argv])
+    err = capsys.readouterr().err
+    assert code == trainer.RecipeError.exit_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('train.py: ') and re.search(message, lines[0]), err
+
+
+def test_an_error_inside_the_run_keeps_its_traceback(train_script, recipe_path, image_folder, tmp_path, monkeypatch):
+    """Only recipe and setup errors are shortened: a failure inside the loop reaches the caller as raised."""
+    def broken_loss(recipe, model):
+        def loss_fn(model, batch):
+            raise ValueError('deep inside torch')
+        return loss_fn
+
+    monkeypatch.setattr(trainer.TASKS['classification'], 'make_loss', broken_loss)
+    with pytest.raises(ValueError, match='deep inside torch'):
+        train_script.main(['--recipe', str(recipe_path), '--data', str(image_folder), '--output-dir', str(tmp_path)])
 
 
 def test_overrides_read_numbers_and_words_as_meant(recipe_path):
@@ -163,12 +227,12 @@ def test_overrides_read_numbers_and_words_as_meant(recipe_path):
 def test_bad_override_and_missing_recipe(recipe_path, tmp_path):
     with pytest.raises(trainer.RecipeError, match='KEY=VALUE'):
         trainer.load_recipe(recipe_path, ['train.lr'])
-    with pytest.raises(FileNotFoundError, match='training/recipes'):
+    with pytest.raises(trainer.RecipeError, match='training/recipes'):
         trainer.load_recipe(tmp_path / 'nope.yaml')
 
 
 def test_missing_data_says_what_layout_is_expected(recipe_path, tmp_path):
-    with pytest.raises(FileNotFoundError, match='train/<class name>/<image>'):
+    with pytest.raises(zoo.errors.InputError, match='train/<class name>/<image>'):
         trainer.train(trainer.load_recipe(recipe_path), tmp_path / 'out', data=str(tmp_path / 'no-data'), quiet=True)
 
 

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         output_dir = args.output_dir or Path('runs') / args.recipe.stem
         trainer.train(recipe, output_dir, data=args.data, resume=args.resume,
                       exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub)
-    except (zoo.ZooError, FileNotFoundError, ValueError) as e:
+    except zoo.ZooError as e:  # a recipe or setup error: one line; anything else keeps its traceback
         if os.environ.get('ZOO_DEBUG') == '1':
             raise
         print(f'train.py: {e}', file=sys.stderr)
