@@ -123,6 +123,12 @@ def test_two_processes_match_one_with_the_same_global_batch(recipe_path, image_f
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'on 2 process(es)' in result.stdout
     assert _max_diff(_weights(tmp_path / 'one'), _weights(tmp_path / 'two')) < 1e-5
+    # 6 eval images in one global batch of 8: each process gets 4 indices, the second 2 of them padding that
+    # gather_for_metrics drops; counted twice, they would change the accuracy and the loss.
+    for run in ('one', 'two'):
+        assert (tmp_path / run / 'metrics.jsonl').is_file() and (tmp_path / run / 'best').is_dir()
+    one, two = (json.loads((tmp_path / run / 'model' / hub.TRAINING_NAME).read_text())['metrics'] for run in ('one', 'two'))
+    assert one.keys() == two.keys() and all(abs(one[k] - two[k]) < 1e-4 for k in one), (one, two)
 
 
 def test_trained_folder_records_recipe_metrics_and_sha256(reference_run):
@@ -137,6 +143,60 @@ def test_trained_folder_records_recipe_metrics_and_sha256(reference_run):
     assert model.num_classes == 3
     with torch.no_grad():
         assert model(torch.rand(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_a_run_with_an_eval_split_logs_metrics_keeps_the_best_and_draws_the_curve(reference_run):
+    """Classification has an eval split, so the run evaluates after every epoch by default."""
+    out, metrics = reference_run
+    records = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records] == [1, 2, 3, 4, 5, 6]  # log_every 1, 3 steps per epoch
+    evaluated = [r for r in records if 'eval_top1' in r]
+    assert [(r['step'], r['epoch']) for r in evaluated] == [(3, 1.0), (6, 2.0)]
+    assert records[0]['lr'] == 0 and records[3]['lr'] > 0  # the warmup epoch starts at warmup_lr 0
+    for r in records:
+        assert np.isfinite(r['train_loss']) and r['samples_per_s'] > 0
+    assert {k[5:] for k in evaluated[-1] if k.startswith('eval_')} == set(metrics)
+    assert evaluated[-1]['eval_loss'] == pytest.approx(metrics['loss'])
+    assert Image.open(out / 'learning_curve.png').size[0] > 300
+    best = json.loads((out / 'best' / hub.TRAINING_NAME).read_text())['checkpoint']
+    assert best['kind'] == 'best' and best['metric'] == 'top1' and best['mode'] == 'max'
+    assert best['value'] == max(r['eval_top1'] for r in evaluated)
+    published = json.loads((out / 'model' / hub.TRAINING_NAME).read_text())['checkpoint']
+    assert published['kind'] in ('last', 'best') and published['reason']
+
+
+def test_the_hub_folder_holds_the_best_checkpoint_when_it_beats_the_last(
+        recipe_path, image_folder, tmp_path, monkeypatch):
+    scores = iter([90.0, 40.0, 40.0])  # step 3, step 6 (the final evaluation reuses it)
+    real = trainer.TASKS['classification'].evaluate
+
+    def evaluate(recipe, model, eval_set, accelerator):
+        return dict(real(recipe, model, eval_set, accelerator), top1=next(scores))
+
+    monkeypatch.setattr(trainer.TASKS['classification'], 'evaluate', evaluate)
+    metrics = trainer.train(trainer.load_recipe(recipe_path), tmp_path, data=str(image_folder), quiet=True)
+    training = json.loads((tmp_path / 'model' / hub.TRAINING_NAME).read_text())
+    checkpoint = training['checkpoint']
+    assert (checkpoint['kind'], checkpoint['step'], checkpoint['value']) == ('best', 3, 90.0)
+    assert 'against 40 at the last step 6' in checkpoint['reason'] and checkpoint['last_step_metrics']['top1'] == 40.0
+    assert metrics['top1'] == training['metrics']['top1'] == 90.0
+    assert _max_diff(_weights(tmp_path), load_file(tmp_path / 'best' / 'model.safetensors')) == 0
+
+
+def test_eval_every_counts_steps_or_epochs_and_zero_turns_it_off(recipe_path, image_folder, tmp_path):
+    for every, steps in (("'2 steps'", [2, 4, 6]), ('0', [6])):
+        out = tmp_path / every.strip("'").replace(' ', '_')
+        recipe = trainer.load_recipe(recipe_path, [f'train.eval_every={every}', 'train.ema_decay=null'])
+        trainer.train(recipe, out, data=str(image_folder), quiet=True)
+        records = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+        assert [r['step'] for r in records if 'eval_top1' in r] == steps
+    checkpoint = json.loads((out / 'model' / hub.TRAINING_NAME).read_text())['checkpoint']
+    assert checkpoint['kind'] == 'last' and 'no evaluation during the run' in checkpoint['reason']
+    with pytest.raises(trainer.RecipeError, match="train.eval_every must be a number of epochs or '<N> steps'"):
+        trainer.load_recipe(recipe_path, ['train.eval_every=often'])
+    with pytest.raises(trainer.RecipeError, match="train.best_metric 'top2' is not among the evaluated metrics"):
+        trainer.train(trainer.load_recipe(recipe_path, ['train.best_metric=top2']), tmp_path / 'x',
+                      data=str(image_folder), quiet=True)
 
 
 def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
