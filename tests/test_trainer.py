@@ -199,6 +199,24 @@ def test_eval_every_counts_steps_or_epochs_and_zero_turns_it_off(recipe_path, im
                       data=str(image_folder), quiet=True)
 
 
+def test_class_names_travel_with_the_weights(reference_run, image_folder, capsys):
+    """The image folder's class names reach config.json, timm's pretrained cfg, transformers, the card and predict."""
+    from transformers import AutoConfig
+
+    from zoo.cli import main
+
+    folder = reference_run[0] / 'model'
+    names = ['cat', 'dog', 'fox']
+    assert json.loads((folder / hub.CONFIG_NAME).read_text())['label_names'] == names
+    assert list(load_from_hub(folder).pretrained_cfg['label_names']) == names
+    assert AutoConfig.from_pretrained(folder).id2label == dict(enumerate(names))
+    assert '**Classes:** cat, dog, fox' in (folder / hub.CARD_NAME).read_text()
+    image = next((image_folder / 'validation' / 'dog').iterdir())
+    assert main(['predict', str(folder), str(image), '--top-k', '3']) == 0
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in names) and 'class 0' not in printed
+
+
 def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
     result = trainer.reproduce(reference_run[0] / 'model', tmp_path)
     assert result['verdict'] == 'bit-exact'

@@ -151,6 +151,7 @@ def training_section(training: Dict) -> str:
         '',
         f'- **Recipe source:** {recipe.get("source", "not stated")}',
         f'- **Data:** `{training.get("data")}`',
+        *([f'- **Classes:** {", ".join(map(str, training["label_names"]))}'] if training.get('label_names') else []),
         f'- **Weights sha256:** `{training["weights_sha256"]}`',
         '',
         '| metric | value |',

@@ -227,7 +227,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix='.zoo-save-', dir=directory.parent))
     try:
-        save_for_hf(model, staging, safe_serialization=True)
+        # Class names at the top level, where transformers' TimmWrapperConfig reads them (timm moves them back
+        # into the pretrained cfg on load).
+        label_names = getattr(model, 'pretrained_cfg', {}).get('label_names')
+        save_for_hf(model, staging, model_config={'label_names': label_names} if label_names else None,
+                    safe_serialization=True)
         _write_config(model, staging)
         names = [CONFIG_NAME, WEIGHTS_NAME, CARD_NAME]
         card = model_card(model)

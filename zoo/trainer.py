@@ -450,6 +450,9 @@ def train(
     if cfg['grad_checkpointing']:
         model.set_grad_checkpointing(True)
     train_set, eval_set, collate = _reading_data(task.datasets, recipe, model, data=data, output_dir=output_dir)
+    label_names = task.label_names(train_set)
+    if label_names and len(label_names) == model.num_classes:  # saved with the weights: zoo predict, the card
+        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=label_names, num_classes=model.num_classes)
     # The loader's own generator keeps the global RNG (augmentation, dropout) untouched by starting an
     # iterator, so a run resumed mid-epoch draws the same random numbers as an uninterrupted one.
     train_loader = torch.utils.data.DataLoader(
@@ -672,7 +675,7 @@ def save_trained(model: torch.nn.Module, directory: Union[str, Path], recipe: Di
     `checkpoint` says which weights these are (last or best) and why."""
     directory = Path(directory)
     training = dict(recipe=recipe, data=data or recipe.get('data'), data_path=data, metrics=metrics,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, label_names=model.pretrained_cfg.get('label_names'))
     hub.save_pretrained(model, directory, training=training)
     return directory
 
