@@ -223,6 +223,26 @@ def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
     assert result['reproduced_sha256'] == result['published_sha256']
 
 
+def test_reproduce_recreates_the_recorded_threads_and_names_what_differed(reference_run, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / 'published'
+    shutil.copytree(reference_run[0] / 'model', folder)
+    training = json.loads((folder / hub.TRAINING_NAME).read_text())
+    environment = training['environment']
+    assert environment['torch'] == torch.__version__ and environment['world_size'] == 1
+    assert environment['torch_threads'] == torch.get_num_threads() and environment['device_type'] == 'cpu'
+    environment.update(torch_threads=1, torch='1.0.0')
+    (folder / hub.TRAINING_NAME).write_text(json.dumps(training))
+    threads_in_run = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, 'train', lambda *a, **k: threads_in_run.append(torch.get_num_threads()) or real_train(*a, **k))
+    threads_before = torch.get_num_threads()
+    result = trainer.reproduce(folder, tmp_path / 'again')
+    assert threads_in_run == [1] and torch.get_num_threads() == threads_before
+    assert result['environment_differences'] == {'torch': ['1.0.0', torch.__version__]}
+
+
 def test_reproduce_refuses_a_folder_without_a_recipe(tmp_path):
     with pytest.raises(zoo.errors.InputError, match='not made by a zoo recipe'):
         trainer.reproduce(tmp_path, tmp_path / 'out')

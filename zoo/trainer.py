@@ -15,6 +15,7 @@ import difflib
 import json
 import math
 import os
+import platform
 import random
 import re
 import shutil
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import timm
 import torch
 import yaml
 from accelerate import Accelerator
@@ -505,8 +507,10 @@ def train(
             metrics = _evaluate(task, recipe, eval_model, eval_set, accelerator)
             last_eval = (state.step, metrics)
             record.update({f'eval_{k}': v for k, v in metrics.items()})
-            save = (lambda folder: save_trained(eval_model, folder, recipe, metrics, data=data, checkpoint=dict(
-                best.describe(), reason=f'best {best.metric} ({best.mode}) so far'))) if accelerator.is_main_process else None
+            save = (lambda folder: save_trained(
+                eval_model, folder, recipe, metrics, data=data, environment=run_environment(accelerator),
+                checkpoint=dict(best.describe(), reason=f'best {best.metric} ({best.mode}) so far'))
+            ) if accelerator.is_main_process else None
             if best.update(metrics, state, save):
                 accelerator.print(f'step {state.step}: best {best.metric} so far, {best.value:.6g}')
             meter.restart()  # throughput counts training time only
@@ -574,7 +578,8 @@ def train(
             accelerator.log({f'eval_{k}': v for k, v in metrics.items()}, step=state.step)
     if accelerator.is_main_process:
         final_model, metrics, checkpoint = _final_checkpoint(final_model, metrics, best, state, eval_every)
-        folder = save_trained(final_model, output_dir / 'model', recipe, metrics, data=data, checkpoint=checkpoint)
+        folder = save_trained(final_model, output_dir / 'model', recipe, metrics, data=data, checkpoint=checkpoint,
+                              environment=run_environment(accelerator))
         accelerator.print(f'wrote {folder} ({checkpoint["kind"]} checkpoint: {checkpoint["reason"]})')
         accelerator.print(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in metrics.items()}))
         metrics = task.report(recipe, folder, eval_set, metrics, output_dir)
@@ -670,23 +675,54 @@ def _flat(tree: Dict[str, Any], prefix: str = '') -> Dict[str, Any]:
 
 def save_trained(model: torch.nn.Module, directory: Union[str, Path], recipe: Dict[str, Any],
                  metrics: Dict[str, Any], data: Optional[str] = None,
-                 checkpoint: Optional[Dict[str, Any]] = None) -> Path:
+                 checkpoint: Optional[Dict[str, Any]] = None, environment: Optional[Dict[str, Any]] = None) -> Path:
     """`zoo.hub.save_pretrained` plus the recipe, the data, the metrics and the weights' sha256 in the card;
-    `checkpoint` says which weights these are (last or best) and why."""
+    `checkpoint` says which weights these are (last or best) and why, `environment` what they were made with
+    (`run_environment`)."""
     directory = Path(directory)
     training = dict(recipe=recipe, data=data or recipe.get('data'), data_path=data, metrics=metrics,
-                    checkpoint=checkpoint, label_names=model.pretrained_cfg.get('label_names'))
+                    checkpoint=checkpoint, label_names=model.pretrained_cfg.get('label_names'),
+                    environment=environment)
     hub.save_pretrained(model, directory, training=training)
     return directory
+
+
+def run_environment(accelerator: Accelerator) -> Dict[str, Any]:
+    """What a bit-exact re-run depends on besides the recipe: software versions, device, world size, CPU threads
+    (reductions split differently over another thread count) and the deterministic flags."""
+    return dict(
+        torch=torch.__version__, timm=timm.__version__, zoo=zoo.__version__, python=platform.python_version(),
+        machine=platform.machine(), device_type=accelerator.device.type, world_size=accelerator.num_processes,
+        torch_threads=torch.get_num_threads(), deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        cudnn_deterministic=torch.backends.cudnn.deterministic, cudnn_benchmark=torch.backends.cudnn.benchmark)
+
+
+@contextlib.contextmanager
+def _recreated(environment: Dict[str, Any]):
+    """Run the block with the recorded CPU thread count and deterministic flags, restoring the current ones."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        if environment.get('torch_threads'):
+            torch.set_num_threads(environment['torch_threads'])
+        torch.use_deterministic_algorithms(environment.get('deterministic_algorithms', saved[1]))
+        torch.backends.cudnn.deterministic = environment.get('cudnn_deterministic', saved[2])
+        torch.backends.cudnn.benchmark = environment.get('cudnn_benchmark', saved[3])
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
 def reproduce(folder: Union[str, Path], output_dir: Union[str, Path], data: Optional[str] = None,
               rtol: float = 0.01) -> Dict[str, Any]:
     """Re-run the recipe stored in a zoo-trained Hub folder and compare the result with its weights.
 
-    Returns `{'verdict': 'bit-exact' | 'within tolerance' | 'differs', 'published': ..., 'reproduced': ...}`:
-    bit-exact when the weight files hash the same (same hardware and software), otherwise the recorded metrics
-    are compared with relative tolerance `rtol`.
+    The recorded thread count and deterministic flags are re-created (the seed is in the recipe). Returns
+    `{'verdict': 'bit-exact' | 'within tolerance' | 'differs', 'published': ..., 'reproduced': ...,
+    'environment_differences': {key: [recorded, now]}, 'metric_differences': {...}}`: bit-exact when the weight
+    files hash the same, otherwise the recorded metrics are compared with relative tolerance `rtol`.
     """
     folder = Path(folder)
     recipe_path = folder / RECIPE_NAME
@@ -695,15 +731,21 @@ def reproduce(folder: Union[str, Path], output_dir: Union[str, Path], data: Opti
             f'{folder} has no {RECIPE_NAME}: it was not made by a zoo recipe (official weights cannot be re-run)')
     published = json.loads((folder / hub.TRAINING_NAME).read_text())
     recipe = check_recipe(yaml.safe_load(recipe_path.read_text()), source=str(recipe_path))
-    metrics = train(recipe, output_dir, data=data or published.get('data_path'), quiet=True)
+    recorded = published.get('environment') or {}
+    with _recreated(recorded):
+        metrics = train(recipe, output_dir, data=data or published.get('data_path'), quiet=True)
     new_folder = Path(output_dir) / 'model'
     new_sha = hub.sha256_file(new_folder / hub.WEIGHTS_NAME)
+    now = json.loads((new_folder / hub.TRAINING_NAME).read_text()).get('environment') or {}
+    environment_differences = {k: [v, now.get(k)] for k, v in recorded.items() if now.get(k) != v}
+    metric_differences = {k: [v, metrics.get(k)] for k, v in published['metrics'].items()
+                          if isinstance(v, (int, float)) and metrics.get(k) != v}
     if new_sha == published['weights_sha256']:
         verdict = 'bit-exact'
     else:
-        close = all(
-            math.isclose(metrics.get(k, math.nan), v, rel_tol=rtol)
-            for k, v in published['metrics'].items() if isinstance(v, (int, float)))
+        close = all(math.isclose(new, old, rel_tol=rtol) if new is not None else False
+                    for old, new in metric_differences.values())
         verdict = 'within tolerance' if close else 'differs'
     return dict(verdict=verdict, published=published['metrics'], reproduced=metrics,
-                published_sha256=published['weights_sha256'], reproduced_sha256=new_sha)
+                published_sha256=published['weights_sha256'], reproduced_sha256=new_sha,
+                environment_differences=environment_differences, metric_differences=metric_differences)
