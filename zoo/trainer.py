@@ -73,7 +73,7 @@ RECIPE_SCHEMA = dict(source=(str,), model=(str,), task=(str,), model_args=(dict,
 TRAIN_SCHEMA = dict(
     epochs=(int,), batch_size=(int,), opt=(str,), lr=(float,), weight_decay=(float,), opt_args=(dict,), sched=(str,),
     warmup_epochs=(float,), warmup_lr=(float,), min_lr=(float,), grad_accum=(int,), clip_grad=(float, NONE),
-    mixed_precision=(str,), seed=(int,), checkpoint_every=(int,), keep_checkpoints=(int,), log_every=(int,),
+    mixed_precision=(str, NONE), seed=(int,), checkpoint_every=(int,), keep_checkpoints=(int,), log_every=(int,),
     log_with=(str, list, NONE), num_workers=(int,), ema_decay=(float, NONE), grad_checkpointing=(bool,),
     lr_groups=(dict,), warmup_prefix=(bool,), decay_epochs=(float, list, NONE), decay_rate=(float,),
     sched_on_epochs=(bool,), eval_every=(int, str, NONE), best_metric=(str, NONE), best_mode=(str, NONE),
@@ -81,7 +81,7 @@ TRAIN_SCHEMA = dict(
 # Lower bounds of the numbers a run cannot start without (timm's scheduler asserts deep inside otherwise).
 TRAIN_MINIMUM = dict(epochs=1, batch_size=1, grad_accum=1, log_every=1, lr=0.0, weight_decay=0.0, warmup_epochs=0,
                      warmup_lr=0.0, min_lr=0.0, checkpoint_every=0, keep_checkpoints=0, num_workers=0)
-TRAIN_CHOICES = dict(mixed_precision=('no', 'fp16', 'bf16', 'fp8'), best_mode=('max', 'min', None))
+TRAIN_CHOICES = dict(mixed_precision=('no', 'fp16', 'bf16', 'fp8', None), best_mode=('max', 'min', None))
 # Metrics where lower is better, for a `train.best_metric` given without `best_mode`.
 LOWER_IS_BETTER = ('loss', 'abs_rel', 'sq_rel', 'rmse', 'rmse_log', 'log10', 'silog')
 
@@ -179,7 +179,7 @@ def check_recipe(recipe: Dict[str, Any], source: str = 'recipe') -> Dict[str, An
             raise RecipeError(f'{source}: train.{key} must be at least {minimum}, got {train[key]!r}')
     for key, choices in TRAIN_CHOICES.items():
         if key in train and train[key] not in choices:
-            raise RecipeError(f'{source}: train.{key} must be one of {", ".join(choices)}, got {train[key]!r}')
+            raise RecipeError(f'{source}: train.{key} must be one of {", ".join(map(str, choices))}, got {train[key]!r}')
     check_section(recipe.get('data') or {}, task.data_schema, 'data', source)
     check_section(recipe.get('aug') or {}, task.aug_schema, 'aug', source)
     if 'loss' in recipe and not task.named_loss:

@@ -159,14 +159,9 @@ class Classification(Task):
     data_schema, aug_schema = DATA_SCHEMA, AUG_SCHEMA
     best_metric = ('top1', 'max')
 
-    def datasets(self, recipe, model, data=None, output_dir=None):
-        return datasets(recipe, model, data=data, output_dir=output_dir)
-
-    def make_loss(self, recipe, model):
-        return make_loss(recipe, model)
-
-    def evaluate(self, recipe, model, eval_set, accelerator):
-        return evaluate(recipe, model, eval_set, accelerator)
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(make_loss)
+    evaluate = staticmethod(evaluate)
 
     def label_names(self, train_set):
         """The dataset's class names (an image folder's folder names, a Hub dataset's ClassLabel names)."""

@@ -227,14 +227,9 @@ class Depth(Task):
     data_schema = DATA_SCHEMA
     best_metric = ('abs_rel', 'min')
 
-    def datasets(self, recipe, model, data=None, output_dir=None):
-        return datasets(recipe, model, data=data, output_dir=output_dir)
-
-    def make_loss(self, recipe, model):
-        return _depth_loss(recipe, model)
-
-    def evaluate(self, recipe, model, eval_set, accelerator):
-        return _depth_evaluate(recipe, model, eval_set, accelerator)
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(_depth_loss)
+    evaluate = staticmethod(_depth_evaluate)
 
 
 class Segmentation(Task):
@@ -242,11 +237,6 @@ class Segmentation(Task):
     data_schema = DATA_SCHEMA
     best_metric = ('mean_dice', 'max')
 
-    def datasets(self, recipe, model, data=None, output_dir=None):
-        return datasets(recipe, model, data=data, output_dir=output_dir)
-
-    def make_loss(self, recipe, model):
-        return _segmentation_loss(recipe, model)
-
-    def evaluate(self, recipe, model, eval_set, accelerator):
-        return _segmentation_evaluate(recipe, model, eval_set, accelerator)
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(_segmentation_loss)
+    evaluate = staticmethod(_segmentation_evaluate)

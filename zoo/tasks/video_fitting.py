@@ -169,29 +169,6 @@ def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set: VideoFram
     return metrics
 
 
-class VideoFitting(Task):
-    """A neural representation fitted to one video: the video is the training and the evaluation set."""
-    data_schema = DATA_SCHEMA
-    named_loss = True
-    best_metric = ('psnr', 'max')
-    separate_eval_split = False
-
-    def model_kwargs(self, recipe, data=None):
-        return model_kwargs(recipe, data)
-
-    def datasets(self, recipe, model, data=None, output_dir=None):
-        return datasets(recipe, model, data=data, output_dir=output_dir)
-
-    def make_loss(self, recipe, model):
-        return make_loss(recipe, model)
-
-    def evaluate(self, recipe, model, eval_set, accelerator):
-        return evaluate(recipe, model, eval_set, accelerator)
-
-    def report(self, recipe, folder, eval_set, metrics, output_dir):
-        return report(recipe, folder, eval_set, metrics, output_dir)
-
-
 @torch.inference_mode()
 def decode_speed(model: torch.nn.Module, embeddings: torch.Tensor, repeats: int = 1) -> float:
     """Frames per second of `model.decode`, one frame at a time, after one warm-up frame."""
@@ -252,3 +229,17 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
     print(f'  side by side  {picture} (top: original, bottom: decoded from the bitstream)')
     return summary
+
+
+class VideoFitting(Task):
+    """A neural representation fitted to one video: the video is the training and the evaluation set."""
+    data_schema = DATA_SCHEMA
+    named_loss = True
+    best_metric = ('psnr', 'max')
+    separate_eval_split = False
+
+    model_kwargs = staticmethod(model_kwargs)
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(make_loss)
+    evaluate = staticmethod(evaluate)
+    report = staticmethod(report)
