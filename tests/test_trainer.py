@@ -217,6 +217,16 @@ def test_class_names_travel_with_the_weights(reference_run, image_folder, capsys
     assert all(name in printed for name in names) and 'class 0' not in printed
 
 
+def test_best_metric_takes_its_direction_from_the_recipe_the_task_or_the_name():
+    cfg, classification = dict(trainer.TRAIN_DEFAULTS), trainer.TASKS['classification']
+    assert trainer._best_metric(cfg, classification) == ('top1', 'max')
+    assert trainer._best_metric(dict(cfg, best_metric='loss'), classification) == ('loss', 'min')
+    assert trainer._best_metric(dict(cfg, best_metric='top5'), classification) == ('top5', 'max')
+    assert trainer._best_metric(dict(cfg, best_metric='loss', best_mode='max'), classification) == ('loss', 'max')
+    assert trainer._best_metric(cfg, trainer.TASKS['depth']) == ('abs_rel', 'min')
+    assert trainer._best_metric(dict(cfg, best_metric='delta1'), trainer.TASKS['depth']) == ('delta1', 'max')
+
+
 def test_reproduce_says_bit_exact_on_the_same_machine(reference_run, tmp_path):
     result = trainer.reproduce(reference_run[0] / 'model', tmp_path)
     assert result['verdict'] == 'bit-exact'

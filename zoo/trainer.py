@@ -352,13 +352,12 @@ class BestCheckpoint:
 
 def _best_metric(cfg: Dict[str, Any], task: Task) -> Tuple[str, str]:
     """`train.best_metric` and its direction (`train.best_mode`, or from the metric's name), or the task's."""
-    if cfg['best_metric'] is None:
-        return cfg['best_mode'] and (task.best_metric[0], cfg['best_mode']) or task.best_metric
+    metric = cfg['best_metric'] or task.best_metric[0]
     if cfg['best_mode']:
-        return cfg['best_metric'], cfg['best_mode']
-    default = dict([task.best_metric])
-    mode = default.get(cfg['best_metric'], 'min' if cfg['best_metric'] in LOWER_IS_BETTER else 'max')
-    return cfg['best_metric'], mode
+        return metric, cfg['best_mode']
+    if metric == task.best_metric[0]:
+        return task.best_metric
+    return metric, 'min' if metric in LOWER_IS_BETTER else 'max'
 
 
 def _evaluate(task: Task, recipe: Dict[str, Any], model: torch.nn.Module, eval_set, accelerator) -> Dict[str, Any]:
