@@ -4,9 +4,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from PIL import Image
 
 from zoo import hub, trainer
+from zoo.errors import InputError
 from zoo.tasks.dense import PairedImages
 
 # A tiny ×Net (timm's test ConvNeXt encoder x ConvNeXt-atto decoder) keeps each run to seconds.
@@ -97,8 +99,6 @@ def test_a_hub_dataset_gives_the_samples_the_paired_folders_give(tmp_path):
 
 def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path):
     """ADE20K's setting (mmseg's reduce_zero_label): label 0 is ignored, 1..K become the K classes 0..K-1."""
-    from types import SimpleNamespace
-
     from zoo.tasks import dense
 
     data = _write_pairs(tmp_path / 'data', 'masks', count=1)
@@ -122,7 +122,7 @@ def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path
 
     def mean_iou(prediction, mask=mask, reduce_zero_label=True):
         recipe = {'data': {'reduce_zero_label': reduce_zero_label}}
-        metrics = dense._segmentation_evaluate(recipe, Predicts(prediction), [(image, mask)], SimpleNamespace(device='cpu'))
+        metrics = dense._segmentation_evaluate(recipe, Predicts(prediction), [(image, mask)], Accelerator(cpu=True))
         return metrics['mean_iou']
 
     labelled = mask != 255
@@ -140,7 +140,7 @@ def test_unpaired_and_missing_folders_are_named(tmp_path):
     (data / 'train' / 'masks' / '001.png').unlink()
     with pytest.raises(ValueError, match='001.png'):
         trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(data), quiet=True)
-    with pytest.raises(FileNotFoundError, match='train/images/<name>.jpg'):
+    with pytest.raises(InputError, match='train/images/<name>.jpg'):
         trainer.train(_recipe('segmentation'), tmp_path / 'run', data=str(tmp_path / 'nothing'), quiet=True)
 
 

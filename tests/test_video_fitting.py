@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from zoo import trainer
+from zoo.cli import main
 from zoo.tasks.video import psnr, read_frames, write_frames
 from zoo.tasks.video_fitting import make_demo_clip, side_by_side
 
@@ -35,10 +36,11 @@ def test_demo_clip_names_the_images_it_can_use():
         make_demo_clip(image='mona_lisa')
 
 
-def test_main_job_shortened(tmp_path):
-    """README's command with a shorter recipe: fit, export, reload with timm, decode, compress, report."""
+def test_main_job_shortened(tmp_path, capsys):
+    """README's command with a shorter recipe: fit, export, reload with timm, decode, compress, report; then
+    `zoo reproduce` of its Hub folder, from a process with another thread count, is bit-exact."""
     out = tmp_path / 'run'
-    env = dict(os.environ, OMP_NUM_THREADS='2', PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO))
     result = subprocess.run(
         [sys.executable, '-m', 'accelerate.commands.launch', '--num_processes', '1', '--cpu',
          str(REPO / 'training' / 'train.py'), '--recipe', str(DEMO_RECIPE), '--output-dir', str(out), *SHORT],
@@ -62,6 +64,15 @@ def test_main_job_shortened(tmp_path):
     untrained = timm.create_model('hnerv_0_35m', **{**recipe['model_args'], 'num_frames': 4}).eval()
     with torch.no_grad():
         assert fitted > psnr(untrained(frames=clip), clip).mean().item() + 3, 'fitting improves the video'
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(['reproduce', str(out / 'model'), '--output-dir', str(tmp_path / 'again')]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith('bit-exact: re-ran the recipe') for line in printed), printed[-8:]
 
 
 def test_side_by_side_labels_its_rows_and_frames(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         trainer.train(recipe, output_dir, data=args.data, resume=args.resume,
                       exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub,
                       skip_damaged_checkpoints=args.skip_damaged_checkpoints)
-    except (zoo.ZooError, FileNotFoundError, ValueError) as e:
+    except zoo.ZooError as e:  # a recipe or setup error: one line; anything else keeps its traceback
         if os.environ.get('ZOO_DEBUG') == '1':
             raise
         print(f'train.py: {e}', file=sys.stderr)

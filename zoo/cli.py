@@ -249,6 +249,10 @@ def _cmd_reproduce(args) -> None:
     print(f'{result["verdict"]}: re-ran the recipe of {source} into {out}')
     print(f'  published  sha256 {result["published_sha256"]}  {json.dumps(result["published"])}')
     print(f'  reproduced sha256 {result["reproduced_sha256"]}  {json.dumps(result["reproduced"])}')
+    for key, (recorded, now) in result['environment_differences'].items():
+        print(f'  environment {key}: recorded {recorded}, now {now}')
+    if result['verdict'] != 'bit-exact' and not result['environment_differences']:
+        print('  the recorded environment is the same: the difference comes from the hardware or the libraries under torch')
     if result['verdict'] == 'differs':
         raise SystemExit(1)
 

@@ -632,7 +632,11 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
     from zoo.cards import model_card  # zoo.cards imports this module
 
     def write(staging: Path) -> None:
-        save_for_hf(model, staging, safe_serialization=True)
+        # Class names at the top level, where transformers' TimmWrapperConfig reads them (timm moves them back
+        # into the pretrained cfg on load).
+        label_names = getattr(model, 'pretrained_cfg', {}).get('label_names')
+        save_for_hf(model, staging, model_config={'label_names': label_names} if label_names else None,
+                    safe_serialization=True)
         config = _write_config(model, staging, training)
         if training is not None:
             record = dict(training, weights_sha256=config['weights_sha256'])

@@ -16,7 +16,21 @@ import torch.nn.functional as F
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
+from zoo.errors import InputError
+from zoo.tasks.base import Task, eval_loader
+
 _MIX_KEYS = ('mixup', 'cutmix', 'cutmix_minmax', 'mix_prob', 'mix_switch_prob', 'mix_mode', 'label_smoothing')
+_SEQUENCE = (float, list)
+DATA_SCHEMA = dict(
+    data_dir=(str,), dataset=(str,), train_split=(str,), eval_split=(str,), image_column=(str,), label_column=(str,),
+    input_size=(list,), cache_dir=(str,), load_args=(dict,))
+# timm's create_transform arguments (less those the model's data config sets) and the mixup / smoothing keys.
+AUG_SCHEMA = dict(
+    scale=(list,), ratio=(list,), hflip=(float,), vflip=(float,), color_jitter=_SEQUENCE, color_jitter_prob=(float,),
+    grayscale_prob=(float,), gaussian_blur_prob=(float,), auto_augment=(str,), interpolation=(str,),
+    crop_pct=(float,), crop_mode=(str,), re_prob=(float,), re_mode=(str,), re_count=(int,), re_num_splits=(int,),
+    train_crop_mode=(str,), mixup=(float,), cutmix=(float,), cutmix_minmax=(list,), mix_prob=(float,),
+    mix_switch_prob=(float,), mix_mode=(str,), label_smoothing=(float,))
 
 
 def load_image_dataset(spec: Dict[str, Any], data: Optional[str] = None):
@@ -25,13 +39,13 @@ def load_image_dataset(spec: Dict[str, Any], data: Optional[str] = None):
 
     source = data or spec.get('data_dir') or spec.get('dataset')
     if not source:
-        raise ValueError('no data: give --data DIR (an image folder with train/ and validation/ class folders) '
+        raise InputError('no data: give --data DIR (an image folder with train/ and validation/ class folders) '
                          'or set data.data_dir / data.dataset in the recipe')
     path = Path(source).expanduser()
     if path.exists() or data or spec.get('data_dir'):
         train_dir = path / spec.get('train_split', 'train')
         if not train_dir.is_dir() or not any(train_dir.iterdir()):
-            raise FileNotFoundError(
+            raise InputError(
                 f'no training images at {train_dir}: expected {path}/train/<class name>/<image> and '
                 f'{path}/validation/<class name>/<image>')
         return datasets.load_dataset('imagefolder', data_dir=str(path), cache_dir=spec.get('cache_dir'))
@@ -45,11 +59,11 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
     train_split, eval_split = spec.get('train_split', 'train'), spec.get('eval_split', 'validation')
     for split in (train_split, eval_split):
         if split not in splits:
-            raise ValueError(f'the dataset has splits {list(splits)}; the recipe needs {train_split!r} and {eval_split!r}')
+            raise InputError(f'the dataset has splits {list(splits)}; the recipe needs {train_split!r} and {eval_split!r}')
     image_key, label_key = spec.get('image_column', 'image'), spec.get('label_column', 'label')
     num_labels = splits[train_split].features[label_key].num_classes
     if num_labels > model.num_classes:
-        raise ValueError(f'the data has {num_labels} classes but {recipe["model"]} has a {model.num_classes}-class head; '
+        raise InputError(f'the data has {num_labels} classes but {recipe["model"]} has a {model.num_classes}-class head; '
                          f'set model_args.num_classes: {num_labels} in the recipe')
     data_config = resolve_data_config(model=model)
     if spec.get('input_size'):
@@ -125,8 +139,7 @@ def make_loss(recipe: Dict[str, Any], model: torch.nn.Module) -> Callable:
 @torch.no_grad()
 def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set, accelerator) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and loss on the eval split, sharded over processes."""
-    loader = accelerator.prepare_data_loader(torch.utils.data.DataLoader(
-        eval_set, batch_size=recipe['train']['batch_size']))
+    loader = eval_loader(eval_set, recipe['train']['batch_size'], accelerator)
     model = model.to(accelerator.device)
     correct1 = correct5 = total = 0
     loss_sum = 0.0
@@ -139,3 +152,18 @@ def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set, accelerat
         loss_sum += F.cross_entropy(logits.float(), labels, reduction='sum').item()
         total += labels.numel()
     return {'top1': 100.0 * correct1 / total, 'top5': 100.0 * correct5 / total, 'loss': loss_sum / total}
+
+
+class Classification(Task):
+    """Image classification: image folders or Hub datasets, timm augmentation, cross-entropy, top-1 / top-5."""
+    data_schema, aug_schema = DATA_SCHEMA, AUG_SCHEMA
+    best_metric = ('top1', 'max')
+
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(make_loss)
+    evaluate = staticmethod(evaluate)
+
+    def label_names(self, train_set):
+        """The dataset's class names (an image folder's folder names, a Hub dataset's ClassLabel names)."""
+        feature = train_set.dataset.features.get(train_set.label_key)
+        return list(feature.names) if getattr(feature, 'names', None) else None

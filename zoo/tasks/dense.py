@@ -13,11 +13,11 @@ Images are read as RGB, or grey for a model built with `in_chans=1` (MACMD's def
 
 Depth: SIlog loss (iDisc: weight 10, lambda 0.15) on pixels inside the dataset's depth caps, metrics by the
 dataset's protocol (`zoo.tasks.depth`: NYU Eigen crop, KITTI Garg crop). Segmentation: 0.4 CE + 0.6 Dice
-summed over the deep-supervision heads when the model has `forward_train` (MACMD), mean Dice and mean IoU
-over the foreground classes.
+summed over the deep-supervision heads when the model declares them (`deep_supervision_outputs`, MACMD),
+mean Dice and mean IoU over the foreground classes. Evaluation is sharded over the processes, one image per
+process at a time (images may differ in size), and the per-image sums are gathered.
 """
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,17 +25,24 @@ import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
 
-from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, SILogLoss, eval_mask, kitti_benchmark_crop
+from zoo.errors import InputError
+from zoo.tasks.base import Task, eval_loader
+from zoo.tasks.depth import EVAL_SETTINGS, SILogLoss, depth_metrics, eval_mask, kitti_benchmark_crop
 from zoo.tasks.segmentation import IGNORE_INDEX, CeDiceLoss, per_channel
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+DATA_SCHEMA = dict(
+    data_dir=(str,), dataset=(str,), train_split=(str,), eval_split=(str,), image_column=(str,),
+    target_column=(str,), cache_dir=(str,), load_args=(dict,), target_dir=(str,), depth_scale=(float,),
+    reduce_zero_label=(bool,), crop_size=(list,), hflip=(float,), eval_multiple=(int,), benchmark=(str,),
+    eval_crop=(str,))
 
 
 def _pairs(root: Path, split: str, target_dir: str) -> List[Tuple[Path, Path]]:
     images, targets = root / split / 'images', root / split / target_dir
     for folder in (images, targets):
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise InputError(
                 f'no folder {folder}: expected {root}/{split}/images/<name>.jpg with {root}/{split}/{target_dir}/<name>.png')
     by_stem = {p.stem: p for p in targets.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES}
     pairs, unmatched = [], []
@@ -45,10 +52,10 @@ def _pairs(root: Path, split: str, target_dir: str) -> List[Tuple[Path, Path]]:
         else:
             unmatched.append(image.name)
     if unmatched:
-        raise ValueError(f'{len(unmatched)} images in {images} have no {target_dir} file of the same name, '
+        raise InputError(f'{len(unmatched)} images in {images} have no {target_dir} file of the same name, '
                          f'e.g. {unmatched[0]}')
     if not pairs:
-        raise FileNotFoundError(f'no images in {images}')
+        raise InputError(f'no images in {images}')
     return pairs
 
 
@@ -141,7 +148,7 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
         columns = spec.get('image_column', 'image'), spec.get('target_column', 'depth' if kind == 'depth' else 'label')
         train, evaluation = (_HubPairs(splits[s], *columns) for s in (train_split, eval_split))
     else:
-        raise ValueError(f'no data: give --data DIR ({train_split}/images + {train_split}/'
+        raise InputError(f'no data: give --data DIR ({train_split}/images + {train_split}/'
                          f'{"depth" if kind == "depth" else "masks"}) or data.data_dir / data.dataset in the recipe')
     crop = tuple(spec['crop_size']) if spec.get('crop_size') else None
     train_set = PairedImages(train, crop_size=crop, hflip=spec.get('hflip', 0.5), **common)
@@ -164,19 +171,23 @@ def _depth_loss(recipe, model):
 @torch.no_grad()
 def _depth_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
     benchmark, crop = recipe['data'].get('benchmark', 'nyu'), recipe['data'].get('eval_crop')
-    metrics = DepthMetrics()
     model = model.to(accelerator.device)
-    for index in range(len(eval_set)):
-        image, depth = eval_set[index]
-        pred = model(image[None].to(accelerator.device)).float().cpu()
-        metrics.update(pred, depth[None], eval_mask(depth[None], benchmark, crop=crop))
-    return metrics.compute()
+    names, rows = None, []
+    for image, depth in eval_loader(eval_set, accelerator.num_processes, accelerator):  # one image per process
+        depth = depth.cpu()
+        metrics = depth_metrics(model(image).float().cpu(), depth, eval_mask(depth, benchmark, crop=crop))
+        names = names or sorted(metrics)
+        row = torch.tensor([[metrics[k] for k in names]], dtype=torch.float64, device=accelerator.device)
+        rows.append(accelerator.gather_for_metrics(row).cpu())
+    per_image = torch.cat(rows)
+    return dict(zip(names, per_image.mean(0).tolist()))
 
 
 def _segmentation_loss(recipe, model):
     criterion = CeDiceLoss()
-
-    deep_supervision = hasattr(model, 'forward_train')  # MACMD: every head, through the wrapper's forward
+    # A model that declares deep-supervision outputs returns them all from forward(x, deep_supervision=True),
+    # through the DDP / Accelerate wrapper (MACMD: the main head and two auxiliary ones).
+    deep_supervision = bool(getattr(model, 'deep_supervision_outputs', ()))
 
     def loss_fn(model, batch):
         images, masks = batch
@@ -192,24 +203,40 @@ def _segmentation_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, fl
     model = model.to(accelerator.device)
     num_classes = max(model.num_classes, 2)
     first = 0 if recipe['data'].get('reduce_zero_label') else 1
-    intersection, pred_area, true_area = (torch.zeros(num_classes) for _ in range(3))
-    for index in range(len(eval_set)):
-        image, mask = eval_set[index]
-        logits = model(image[None].to(accelerator.device)).float().cpu()[0]
+    rows = []
+    for image, mask in eval_loader(eval_set, accelerator.num_processes, accelerator):
+        logits = model(image).float()[0]
         pred = (logits[0] > 0).long() if logits.shape[0] == 1 else logits.argmax(0)
-        pred = pred.masked_fill(mask == IGNORE_INDEX, -1)
+        pred, mask = pred.masked_fill(mask[0] == IGNORE_INDEX, -1), mask[0]
+        counts = torch.zeros(3, num_classes, device=logits.device)
         for k in range(first, num_classes):
             p, t = pred == k, mask == k
-            intersection[k] += (p & t).sum()
-            pred_area[k] += p.sum()
-            true_area[k] += t.sum()
+            counts[:, k] = torch.stack([(p & t).sum(), p.sum(), t.sum()])
+        rows.append(accelerator.gather_for_metrics(counts[None]).cpu())
+    intersection, pred_area, true_area = torch.cat(rows).sum(0)
     present = (pred_area + true_area)[first:] > 0
     if not present.any():
-        raise ValueError('no labelled pixel of the evaluated classes in the evaluation masks or predictions')
+        raise InputError('no labelled pixel of the evaluated classes in the evaluation masks or predictions')
     dice = (2 * intersection / (pred_area + true_area).clamp(min=1))[first:][present]
     iou = (intersection / (pred_area + true_area - intersection).clamp(min=1))[first:][present]
     return {'mean_dice': dice.mean().item(), 'mean_iou': iou.mean().item()}
 
 
-depth = SimpleNamespace(datasets=datasets, make_loss=_depth_loss, evaluate=_depth_evaluate)
-segmentation = SimpleNamespace(datasets=datasets, make_loss=_segmentation_loss, evaluate=_segmentation_evaluate)
+class Depth(Task):
+    """Monocular depth from paired folders or a Hub dataset: SIlog loss, the benchmark's metrics."""
+    data_schema = DATA_SCHEMA
+    best_metric = ('abs_rel', 'min')
+
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(_depth_loss)
+    evaluate = staticmethod(_depth_evaluate)
+
+
+class Segmentation(Task):
+    """Semantic segmentation from paired folders or a Hub dataset: CE + Dice, mean Dice and mean IoU."""
+    data_schema = DATA_SCHEMA
+    best_metric = ('mean_dice', 'max')
+
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(_segmentation_loss)
+    evaluate = staticmethod(_segmentation_evaluate)

@@ -21,11 +21,14 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from zoo.errors import InputError
 from zoo.hub import write_atomically
 from zoo.tasks import figure, fresh, save_figure
+from zoo.tasks.base import Task, eval_loader
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
+DATA_SCHEMA = dict(path=(str, type(None)), demo_clip=(dict,), max_frames=(int, type(None)), inpaint_box=(int,))
 
 
 def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: Tuple[int, int] = (96, 192),
@@ -66,7 +69,7 @@ def load_video(recipe: Dict[str, Any], data: Optional[str] = None) -> torch.Tens
     frame_size = tuple(frame_size) if frame_size else None
     source = data or spec.get('path')
     if source is None and 'demo_clip' not in spec:
-        raise ValueError('no video: give --data (a folder of frames or a video file), or data.path or '
+        raise InputError('no video: give --data (a folder of frames or a video file), or data.path or '
                          'data.demo_clip in the recipe')
     key = (source, json.dumps(spec.get('demo_clip'), sort_keys=True), frame_size, spec.get('max_frames'))
     if key not in _frames_cache:
@@ -148,28 +151,28 @@ def make_loss(recipe: Dict[str, Any], model: torch.nn.Module):
     return loss_fn
 
 
-@torch.no_grad()
-def _reconstruct(model: torch.nn.Module, frames: torch.Tensor, mask: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """The model's output for every frame, from the visible pixels only."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(frames), batch_size):
-        batch = (frames[start:start + batch_size] * mask).to(device)
-        index = torch.arange(start, start + len(batch), device=device)
-        out.append(model(frames=batch, index=index).float().cpu())
-    return torch.cat(out)
-
-
-def _quality(decoded: torch.Tensor, frames: torch.Tensor) -> Dict[str, float]:
-    """Per-frame-mean PSNR (dB), as HNeRV reports it, and MS-SSIM where frames are large enough for it."""
-    metrics = {'psnr': psnr(decoded, frames).mean().item()}
+def _quality(decoded: torch.Tensor, frames: torch.Tensor, per_frame: bool = False) -> Dict[str, Any]:
+    """Per-frame-mean PSNR (dB), as HNeRV reports it, and MS-SSIM where frames are large enough for it
+    (with `per_frame`, the per-frame tensors instead of their means)."""
+    metrics = {'psnr': psnr(decoded, frames)}
     if min(frames.shape[-2:]) > 160:
-        metrics['ms_ssim'] = ms_ssim(decoded, frames).mean().item()
-    return metrics
+        metrics['ms_ssim'] = ms_ssim(decoded, frames)
+    return metrics if per_frame else {k: v.mean().item() for k, v in metrics.items()}
 
 
+@torch.no_grad()
 def evaluate(recipe: Dict[str, Any], model: torch.nn.Module, eval_set: VideoFrames, accelerator) -> Dict[str, float]:
-    metrics = _quality(_reconstruct(model.to(accelerator.device), eval_set.frames, eval_set.mask), eval_set.frames)
+    """Per-frame-mean PSNR (and MS-SSIM) of the whole frames decoded from the visible pixels, the frames
+    sharded over the processes."""
+    model = model.to(accelerator.device)
+    mask = eval_set.mask.to(accelerator.device)
+    rows = []
+    for frames, index in eval_loader(eval_set, accelerator.num_processes * 2, accelerator):
+        decoded = model(frames=frames * mask, index=index).float()
+        quality = _quality(decoded.cpu(), frames.float().cpu(), per_frame=True)
+        row = torch.stack([quality[k] for k in sorted(quality)], dim=1).to(accelerator.device, torch.float64)
+        rows.append(accelerator.gather_for_metrics(row).cpu())
+    metrics = dict(zip(sorted(quality), torch.cat(rows).mean(0).tolist()))
     if not eval_set.mask.all():  # inpainting: the masked input's own PSNR, for comparison (paper Table 8)
         metrics['input_psnr'] = psnr(eval_set.frames * eval_set.mask, eval_set.frames).mean().item()
     return metrics
@@ -247,3 +250,17 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
     print(f'  side by side  {picture} (original frames over those decoded from the bitstream)')
     return summary
+
+
+class VideoFitting(Task):
+    """A neural representation fitted to one video: the video is the training and the evaluation set."""
+    data_schema = DATA_SCHEMA
+    named_loss = True
+    best_metric = ('psnr', 'max')
+    separate_eval_split = False
+
+    model_kwargs = staticmethod(model_kwargs)
+    datasets = staticmethod(datasets)
+    make_loss = staticmethod(make_loss)
+    evaluate = staticmethod(evaluate)
+    report = staticmethod(report)
