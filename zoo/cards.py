@@ -270,6 +270,9 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
         lines.append(f'- **Recipe:** `{meta["recipe"]}`')
     if cfg.get('origin_url'):
         lines.append(f'- **Original code:** {cfg["origin_url"]}')
+    label_names = config.get('label_names') or cfg.get('label_names')
+    if label_names and folder:
+        lines.append(f'- **Classes:** {", ".join(map(str, label_names))}')
     lines += ['', '## Weights', '']
     lines += _weights_lines(provenance, cfg, held, config.get('weights_sha256') if folder else None)
     for note in notes if held else ():
