@@ -83,7 +83,7 @@ TRAIN_SCHEMA = dict(
     log_with=(str, list, NONE), num_workers=(int,), ema_decay=(float, NONE), grad_checkpointing=(bool,),
     lr_groups=(dict,), warmup_prefix=(bool,), decay_epochs=(float, list, NONE), decay_rate=(float,),
     sched_on_epochs=(bool,), eval_every=(int, str, NONE), best_metric=(str, NONE), best_mode=(str, NONE),
-    fresh=(bool, dict), tract=(dict, NONE),
+    fresh=(bool, dict), tract=(bool, dict, NONE),
 )
 # Lower bounds of the numbers a run cannot start without (timm's scheduler asserts deep inside otherwise).
 TRAIN_MINIMUM = dict(epochs=1, batch_size=1, grad_accum=1, log_every=1, lr=0.0, weight_decay=0.0, warmup_epochs=0,
