@@ -282,6 +282,7 @@ def _cmd_validate(args) -> None:
         *(['--reduce-zero-label'] if args.reduce_zero_label else [])])
     depth = {k: given[k] for k in _DEPTH_OPTIONS if k in given}
     video = {k: given[k] for k in ('prune', 'bits') if k in given}
+    _say(args, f'loading {args.model}')
     model, weights_sha256 = validate.load_model(args.model)
     if args.update_card:  # before the run, not after it
         validate.check_card_folder(args.update_card, weights_sha256)
