@@ -193,8 +193,8 @@ def _cmd_card(args) -> None:
         args.usage_error('give a model NAME, or --all to regenerate model_cards/')
 
 
-# A fitted HNeRV / NeRV gives 25-40 dB on its own video (the demo's 16-frame fit: 22 dB); frames of another
-# video come out as noise around 10 dB.
+# The papers' fitted HNeRV / NeRV models give 30-41 dB on their own video; frames of another video come out
+# near 10 dB (issue #17 saw 9.6 dB). A fit cut very short can also land below this (the 40-epoch test demo: 15.5).
 _LOW_VIDEO_PSNR = 15
 
 
