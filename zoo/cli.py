@@ -13,7 +13,7 @@ from tqdm import tqdm
 import zoo
 from zoo import cards, hub
 from zoo._namespace import registry_name
-from zoo.errors import ZooError
+from zoo.errors import InputError, ZooError
 from zoo.registry import check_model_name
 
 
@@ -63,8 +63,10 @@ def _label_names(model) -> Optional[List[str]]:
 def _read_image(image_path):
     from PIL import Image
 
+    from zoo.tasks import rgb_image
+
     try:
-        return Image.open(image_path).convert('RGB')
+        return rgb_image(Image.open(image_path))
     except (OSError, ValueError) as e:
         raise SystemExit(f'zoo predict: cannot read image {image_path}: {e}')
 
@@ -129,8 +131,19 @@ def _cmd_card(args) -> None:
 def _cmd_compress(args) -> None:
     from zoo.tasks import video
 
+    video.check_bitstream_path(args.out)
     source = Path(args.model)
-    model = hub.load(source) if source.is_dir() else zoo.create_model(args.model, pretrained=True)
+    if source.is_dir():
+        model = hub.load(source)
+    else:
+        name = video.check_video_model(args.model)
+        if not timm.models.get_pretrained_cfg(registry_name(args.model)).has_weights:
+            raise InputError(
+                f'{args.model} has no published weights: a video model represents the one video it was fitted to. Fit '
+                f'it first (accelerate launch training/train.py --recipe training/recipes/{name}_bunny.yaml --data '
+                'FRAMES) and give zoo compress the Hub folder it saves (runs/<recipe>/model)')
+        model = zoo.create_model(args.model, pretrained=True)
+    video.check_video_model(model)
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
     if args.json:
@@ -145,6 +158,7 @@ def _cmd_compress(args) -> None:
 def _cmd_decode(args) -> None:
     from zoo.tasks import video
 
+    video.check_frames_path(args.out)  # before decoding, which can take minutes
     frames = video.decode_video(args.bitstream)
     out = video.write_frames(frames, args.out, fps=args.fps)
     print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
