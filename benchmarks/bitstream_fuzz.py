@@ -179,7 +179,7 @@ def mutate_record(blob: bytes, rng: random.Random) -> bytes:
         words = struct.unpack_from('<I', payload, offset + 9)[0]
         struct.pack_into('<I', payload, offset + 9, rng.choice([0, 1, words - 1, words + 1, 2 ** 32 - 1]) % 2 ** 32)
     else:
-        payload[offset + 9 + rng.randrange(4)] ^= 0xFF
+        payload[min(offset + 9 + rng.randrange(4), len(payload) - 1)] ^= 0xFF  # a raw symbol
     return join(header, bytes(payload))
 
 

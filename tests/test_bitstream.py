@@ -114,6 +114,8 @@ HOSTILE_HEADERS = {
     'nan_number': ('nervpp_xs', lambda h: h['model_args'].update(pe_base=float('nan')), 'not a number a bitstream'),
     'unknown_field': ('nerv_s', lambda h: h.update(script='import os'), "unknown fields 'script'"),
     'negative_dim': ('nerv_s', lambda h: h['tensors'][0][1].__setitem__(0, -1), 'every tensor entry must be'),
+    'hnerv_without_encoder_strides': ('hnerv_0_35m', lambda h: h['model_args'].update(enc_strides=[]),
+                                      'HNeRV needs enc_strides'),
     'activation_name': ('nerv_s', lambda h: h['model_args'].update(act_layer='os.system'),
                         r'act_layer must be one of gelu, relu, silu'),
 }

@@ -136,7 +136,7 @@ def _cmd_compress(args) -> None:
     if source.is_dir():
         model = hub.load(source)
     else:
-        name = video.check_video_model(args.model)
+        name = video.check_video_model(check_model_name(args.model))
         if not timm.models.get_pretrained_cfg(registry_name(args.model)).has_weights:
             raise InputError(
                 f'{args.model} has no published weights: a video model represents the one video it was fitted to. Fit '

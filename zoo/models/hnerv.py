@@ -254,6 +254,8 @@ class HNeRV(nn.Module):
         self.num_frames = num_frames
         dec_strides = tuple(dec_strides or enc_strides)
         if pe is None:
+            if not enc_strides:
+                raise ValueError('HNeRV needs enc_strides (one per encoder stage), or pe=(base, levels) for NeRV mode')
             check_frame_size(self.frame_size, enc_strides)
             if math.prod(enc_strides) % math.prod(dec_strides):
                 raise ValueError(

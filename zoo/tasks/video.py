@@ -338,8 +338,8 @@ MAX_MODEL_VALUES = 1 << 27       # values in the tensor table, and in the rebuil
 MAX_FRAMES = 100_000             # over an hour at 25 fps; the recipes fit 132 to 600 frames
 MAX_FRAME_SIDE = 8192            # 8K UHD is 7680x4320
 MAX_DECODED_VALUES = 1 << 32     # T * 3 * H * W, which decode_video returns as float32 (16 GiB); UVG: 3.3e9
-MAX_FRAME_ACTIVATION = 1 << 31   # the largest tensor made decoding one frame; NeRV-L at 720x1280: 3.5e8
-MAX_DECODE_MACS = 1 << 50        # multiply-accumulates to decode every frame (1.1e15); UVG: 7.4e13
+MAX_FRAME_ACTIVATION = 1 << 31   # the largest tensor made decoding one frame; NeRV++-L at 720x1280: 9.8e7
+MAX_DECODE_MACS = 1 << 50        # multiply-accumulates to decode every frame (1.1e15); UVG: 7.2e13
 MIN_BITS_PER_PIXEL = 0.003       # payload bits per decoded pixel, so that a small file cannot claim a long video;
                                  # the lowest rates in the papers' rate-distortion curves are about 0.01
 MAX_WIDTH, MAX_STAGES, MAX_DEPTH, MAX_STRIDE, MAX_PE_LEVELS = 4096, 8, 16, 64, 256
@@ -459,9 +459,9 @@ def _video_model_args(name, where: str, error=InputError) -> Dict[str, _Arg]:
 def check_video_model(model) -> str:
     """The architecture of `model` (a model or a name, with or without a tag) if it is a zoo video model, which
     `compress` takes; else an InputError."""
-    name = model if isinstance(model, str) else model.pretrained_cfg.get('architecture', type(model).__name__)
+    name = model if isinstance(model, str) else getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
     name = timm.models.split_model_name_tag(registry_name(name))[0]
-    _video_model_args(name, 'zoo compress takes a video model', InputError)
+    _video_model_args(name, 'compress takes a video model', InputError)
     return name
 
 
@@ -556,7 +556,7 @@ def _plan(name: str, args_json: str) -> Union[_Plan, str]:
             else:
                 embedding = torch.empty(1, *model.embed_shape, device='meta')
             frame = model.decode(embedding)
-    except (ValueError, TypeError, ArithmeticError, RuntimeError) as e:
+    except (ValueError, TypeError, LookupError, ArithmeticError, RuntimeError) as e:
         return f'{name} cannot be built and run with {_shown(args)}: {e}'
     return _Plan(values, {k: tuple(v.shape) for k, v in model.decoder_state_dict().items()},
                  tuple(model.embed_shape) if model.stored_embeddings else None, model.num_frames, tuple(frame.shape),
