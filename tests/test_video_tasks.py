@@ -333,7 +333,7 @@ def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
         video.decompress(bad)
     bad.write_bytes(data)
     rewrite_header(bad, model='hnerv_9m')
-    with pytest.raises(RuntimeError, match="unknown model 'hnerv_9m'"):
+    with pytest.raises(video.BitstreamError, match="model 'hnerv_9m' is not a zoo video model"):
         video.decompress(bad)
 
 

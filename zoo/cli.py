@@ -108,8 +108,10 @@ def _label_names(model) -> Optional[List[str]]:
 def _read_image(image_path):
     from PIL import Image
 
+    from zoo.tasks import rgb_image
+
     try:
-        return Image.open(image_path).convert('RGB')
+        return rgb_image(Image.open(image_path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f'cannot read image {image_path}: {e.strerror if getattr(e, "strerror", None) else e}')
 
@@ -201,7 +203,16 @@ _LOW_VIDEO_PSNR = 15
 def _cmd_compress(args) -> None:
     from zoo.tasks import video
 
+    video.check_bitstream_path(args.out)
+    if not Path(args.model).is_dir():
+        name = video.check_video_model(check_model_name(args.model))
+        if not timm.models.get_pretrained_cfg(registry_name(args.model)).has_weights:
+            raise InputError(
+                f'{args.model} has no published weights: a video model represents the one video it was fitted to. Fit '
+                f'it first (accelerate launch training/train.py --recipe training/recipes/{name}_bunny.yaml --data '
+                'FRAMES) and give zoo compress the Hub folder it saves (runs/<recipe>/model)')
     model = _load_model(args, args.model)
+    video.check_video_model(model)
     _say(args, f'reading {args.frames}, then compressing and decoding to measure it')
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
     result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
@@ -221,6 +232,7 @@ def _cmd_compress(args) -> None:
 def _cmd_decode(args) -> None:
     from zoo.tasks import video
 
+    video.check_frames_path(args.out)  # before decoding, which can take minutes
     _say(args, f'decoding {args.bitstream}')
     frames = video.decode_video(args.bitstream)
     out = video.write_frames(frames, args.out, fps=args.fps)

@@ -4,11 +4,14 @@
 activation. `NeRVPositionalEncoding` is NeRV's frame-index encoding, which NeRV++ reuses unchanged.
 """
 import math
+import numbers
 from typing import Callable, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import get_act_layer
+
+from zoo.errors import InputError
 
 # Official `--act` names -> timm activation names (timm's 'gelu' is the exact, erf-based GELU).
 OFFICIAL_ACTIVATIONS = {'gelu': 'gelu', 'relu': 'relu', 'swish': 'silu', 'silu': 'silu'}
@@ -33,6 +36,33 @@ def check_frame_size(frame_size: Tuple[int, int], strides: Sequence[int]) -> Non
             f'frame size {frame_size[0]}x{frame_size[1]} cannot be reached with strides {tuple(strides)}: height and '
             f'width must be multiples of {multiple} (= {"*".join(map(str, strides))}); nearest valid sizes: {nearest}. '
             'Crop or resize the frames, or build the model with other strides')
+
+
+def check_positive(**values) -> None:
+    """Refuse, when a model is built, a count or size (or a sequence of them) that is not a positive number;
+    None (derive it) passes."""
+    for name, value in values.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if any(v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not v > 0) for v in items):
+            raise InputError(f'{name} must be positive; got {value!r}')
+
+
+def check_frame_index(index: torch.Tensor, num_frames: int, interpolate: bool = False) -> None:
+    """Refuse frame indices a model was not fitted to: outside 0..num_frames - 1, or between two frames unless
+    `interpolate` asks for in-between times. Skipped where index values are unknown (tracing, compiling, meta)."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or isinstance(index, torch.fx.Proxy) \
+            or index.device.type == 'meta':
+        return
+    outside = (index < 0) | (index > num_frames - 1)
+    if index.is_floating_point():
+        outside |= ~torch.isfinite(index)
+        between = ~outside & (index != index.round()) if not interpolate else torch.zeros_like(outside)
+        if between.any():
+            raise InputError(f'frame index {index[between][0].item()} lies between two frames; pass interpolate=True '
+                             'to decode in-between times')
+    if outside.any():
+        raise InputError(f'frame index {index[outside][0].item()} is outside the {num_frames} frames the model was '
+                         f'fitted to (0..{num_frames - 1})')
 
 
 class NeRVBlock(nn.Module):

@@ -27,7 +27,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import register_model
 from timm.models.convnext import ConvNeXtBlock
 
-from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_size
+from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_index, check_frame_size, check_positive
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
@@ -247,10 +247,16 @@ class HNeRV(nn.Module):
             stored_frames: int = 0,
     ):
         super().__init__()
+        check_positive(num_frames=num_frames, frame_size=tuple(frame_size), model_size=model_size, fc_dim=fc_dim,
+                       enc_strides=tuple(enc_strides), dec_strides=dec_strides and tuple(dec_strides), enc_dim=enc_dim,
+                       embed_dim=embed_dim, enc_depth=enc_depth, dec_depth=dec_depth, kernel_sizes=tuple(kernel_sizes),
+                       reduce=reduce, lower_width=lower_width, pe=pe and tuple(pe), fc_hw=fc_hw and tuple(fc_hw))
         self.frame_size = tuple(frame_size)
         self.num_frames = num_frames
         dec_strides = tuple(dec_strides or enc_strides)
         if pe is None:
+            if not enc_strides:
+                raise ValueError('HNeRV needs enc_strides (one per encoder stage), or pe=(base, levels) for NeRV mode')
             check_frame_size(self.frame_size, enc_strides)
             if math.prod(enc_strides) % math.prod(dec_strides):
                 raise ValueError(
@@ -301,12 +307,15 @@ class HNeRV(nn.Module):
         values = (index.to(torch.float64) / self.num_frames)[:, None] * bases.to(index.device, torch.float64)
         return torch.cat([torch.sin(values), torch.cos(values)], dim=-1).float().view(-1, 2 * self.pe_levels, 1, 1)
 
-    def encode(self, frames: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, frames: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
+               interpolate: bool = False) -> torch.Tensor:
         """Frame embeddings (B, embed_dim, H/P, W/P) of frames (B, 3, H, W) in [0, 1] (P = prod(enc_strides)),
-        or in NeRV mode the encodings (B, 2*levels, 1, 1) of frame indices (B,)."""
+        or in NeRV mode the encodings (B, 2*levels, 1, 1) of frame indices (B,): fitted frames 0..num_frames - 1,
+        or with `interpolate` fractional indices between them."""
         if self.input_kind == 'index':
             if index is None:
                 raise ValueError('this HNeRV runs in NeRV mode: encode(index=...) takes frame indices (B,)')
+            check_frame_index(index, self.num_frames, interpolate)
             return self._positional_encoding(index)
         if frames is None:
             raise ValueError('HNeRV encodes frames: pass encode(frames=...) with a (B, 3, H, W) batch in [0, 1]')
@@ -327,8 +336,9 @@ class HNeRV(nn.Module):
                 f'expected embeddings of shape (B, {", ".join(map(str, self.embed_shape))}), got {tuple(embeddings.shape)}')
         return self.decoder(embeddings, channels_last=self.fast_decode and not torch.is_grad_enabled())
 
-    def forward(self, frames: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.decode(self.encode(frames=frames, index=index))
+    def forward(self, frames: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
+                interpolate: bool = False) -> torch.Tensor:
+        return self.decode(self.encode(frames=frames, index=index, interpolate=interpolate))
 
     def decoder_state_dict(self) -> Dict[str, torch.Tensor]:
         """What a bitstream carries besides the embeddings: every tensor but the encoder's (and the stored

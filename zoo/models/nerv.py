@@ -19,7 +19,8 @@ import torch.nn as nn
 from timm.layers import get_act_layer
 from timm.models import register_model
 
-from zoo.layers.nerv import NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_size
+from zoo.layers.nerv import (
+    NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_index, check_frame_size, check_positive)
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['NeRV']
@@ -64,6 +65,9 @@ class NeRV(nn.Module):
         super().__init__()
         if out_act not in ('tanh', 'sigmoid'):
             raise ValueError(f"out_act must be 'tanh' ((tanh+1)/2) or 'sigmoid', got {out_act!r}")
+        check_positive(num_frames=num_frames, frame_size=tuple(frame_size), fc_dim=fc_dim, strides=tuple(strides),
+                       pe_base=pe_base, pe_levels=pe_levels, stem_dim=stem_dim, stem_depth=stem_depth,
+                       expansion=expansion, reduction=reduction, lower_width=lower_width)
         check_frame_size(tuple(frame_size), strides)
         self.frame_size = tuple(frame_size)
         self.num_frames = num_frames
@@ -102,11 +106,13 @@ class NeRV(nn.Module):
         """Forward kwargs for one frame."""
         return dict(index=torch.zeros(1, dtype=torch.long, device=device))
 
-    def encode(self, frames: torch.Tensor = None, index: torch.Tensor = None) -> torch.Tensor:
+    def encode(self, frames: torch.Tensor = None, index: torch.Tensor = None, interpolate: bool = False) -> torch.Tensor:
         """The positional encodings (B, 2 * pe_levels) of frame indices (B,): t = index / num_frames in float32,
-        as the official data loader makes it."""
+        as the official data loader makes it. Indices must be fitted frames, 0..num_frames - 1; with
+        `interpolate`, fractional indices between them give in-between times."""
         if index is None:
             raise ValueError(f'{type(self).__name__} is driven by frame indices: pass encode(index=...) (B,) int64')
+        check_frame_index(index, self.num_frames, interpolate)
         t = (index.to(torch.float64) / self.num_frames).float()
         return self.pos_embed(t)
 
@@ -142,8 +148,8 @@ class NeRV(nn.Module):
         """
         return self.forward_heads(embeddings)[-1]
 
-    def forward(self, index: torch.Tensor = None, frames: torch.Tensor = None) -> torch.Tensor:
-        return self.decode(self.encode(frames=frames, index=index))
+    def forward(self, index: torch.Tensor = None, frames: torch.Tensor = None, interpolate: bool = False) -> torch.Tensor:
+        return self.decode(self.encode(frames=frames, index=index, interpolate=interpolate))
 
     def decoder_state_dict(self) -> Dict[str, torch.Tensor]:
         """Everything: the encoding has no parameters, so the whole model is what a bitstream carries."""

@@ -15,6 +15,12 @@ from zoo.hub import write_atomically
 # Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
 DENSE_STRIDE = 32
 
+import numpy as np
+from PIL import Image
+
+# 16-bit greyscale (depth maps, medical slices, frames), which convert('RGB') would clip at 255.
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
 _PICTURE_WRITERS = {
     'depth': ('zoo.tasks.depth', 'save_depth_picture'),
     'normals': ('zoo.tasks.depth', 'save_normals_picture'),
@@ -62,3 +68,18 @@ def save_prediction(model, image, image_path: Path) -> Path:
     writer = getattr(importlib.import_module(module_name), function_name)
     out_path = Path(image_path).with_name(f'{Path(image_path).stem}.{task}.png')
     return writer(model, image, out_path)
+
+
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] from a PIL image of any mode; 16-bit greyscale is scaled by its full range
+    (65535), not clipped at 255."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return np.repeat(np.asarray(image, dtype=np.float32)[:, :, None] / 65535, 3, axis=2)
+    return np.asarray(image.convert('RGB'), dtype=np.float32) / 255
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image, as timm's transforms take; 16-bit greyscale is scaled by its full range, not clipped."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray(np.round(rgb_array(image) * 255).astype(np.uint8))
+    return image.convert('RGB')

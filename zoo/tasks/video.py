@@ -13,7 +13,9 @@ whichever errs least; per-tensor alone is the layout of the authors' quantized r
 symbols are range-coded with `constriction` under a per-tensor categorical model whose table travels in the
 file; a tensor for which the table costs more than it saves is stored raw.
 """
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -21,20 +23,25 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
+import timm
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo.errors import BitstreamError
+from zoo._namespace import registry_name
+from zoo.errors import BitstreamError, InputError
 from zoo.hub import replace_file, write_atomically
+from zoo.tasks import rgb_array
 
 __all__ = [
     'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'fitting_loss', 'compress', 'decompress',
-    'decode_video', 'interpolate_embeddings', 'BitstreamError',
+    'decode_video', 'interpolate_embeddings', 'BitstreamError', 'check_video_model', 'check_bitstream_path',
+    'check_frames_path',
 ]
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
@@ -79,7 +86,7 @@ def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
     for path in files:
         try:
             with Image.open(path) as image:
-                yield path.name, np.array(image.convert('RGB'))
+                yield path.name, rgb_array(image)
         except OSError as e:
             raise ValueError(f'cannot read frame {path}: {e}') from e
 
@@ -92,7 +99,7 @@ def _video_arrays(path: Path) -> Iterator[Tuple[str, np.ndarray]]:
             if not container.streams.video:
                 raise ValueError(f'{path} holds no video stream')
             for i, frame in enumerate(container.decode(video=0)):
-                yield f'frame {i} of {path.name}', frame.to_ndarray(format='rgb24')
+                yield f'frame {i} of {path.name}', frame.to_ndarray(format='rgb24').astype(np.float32) / 255
     except av.FFmpegError as e:
         raise ValueError(f'cannot read {path} as a video: {e}') from e
 
@@ -101,9 +108,9 @@ def read_frames(path: PathLike, frame_size: Optional[Tuple[int, int]] = None,
                 max_frames: Optional[int] = None) -> torch.Tensor:
     """Frames (T, 3, H, W) float32 in [0, 1] from a folder of images (natural name order) or a video file.
 
-    Video files are decoded with PyAV, whose wheel carries ffmpeg. With `frame_size=(H, W)` every frame is
-    resized to cover it and centre-cropped; `max_frames` keeps the first frames only. All frames must have
-    the same size before any resize.
+    Video files are decoded with PyAV, whose wheel carries ffmpeg. 16-bit greyscale images are scaled by their
+    full range (65535). With `frame_size=(H, W)` every frame is resized to cover it and centre-cropped;
+    `max_frames` keeps the first frames only. All frames must have the same size before any resize.
     """
     path = Path(path)
     if not path.exists():
@@ -119,7 +126,7 @@ def read_frames(path: PathLike, frame_size: Optional[Tuple[int, int]] = None,
             raise ValueError(
                 f'frames of different sizes in {path}: {name} is {array.shape[0]}x{array.shape[1]}, but '
                 f'{first[0]} is {first[1][0]}x{first[1][1]}; a video must keep one frame size')
-        frame = torch.from_numpy(array).permute(2, 0, 1).float().div_(255)
+        frame = torch.from_numpy(array).permute(2, 0, 1)
         frames.append(_fit_frame(frame, frame_size) if frame_size is not None else frame)
     if not frames:
         raise ValueError(f'no frames in {path}')
@@ -148,16 +155,39 @@ def _write_video(arrays: np.ndarray, path: Path, fps: int, crf: int) -> None:
         container.mux(stream.encode())
 
 
+def check_frames_path(path: PathLike) -> Path:
+    """Refuse, before any work, a place `write_frames` cannot write to: a video name that is a folder, a folder
+    name that is a file or a folder holding other files than frames (only our own frames are ever replaced),
+    a path under a file, an unknown extension."""
+    path = Path(path)
+    if path.suffix and path.suffix.lower() not in VIDEO_FORMATS:
+        raise InputError(f'cannot write {path}: give a folder (no extension) or a {"/".join(VIDEO_FORMATS)} video')
+    _check_parents(path)
+    if path.suffix and path.is_dir():
+        raise InputError(f'{path} is a folder: give a video file name, or a name without extension for a folder of '
+                         'PNG frames')
+    if not path.suffix and path.exists():
+        if not path.is_dir():
+            raise InputError(f'{path} exists and is not a folder')
+        others = [p.name for p in path.iterdir() if not FRAME_NAME.fullmatch(p.name)]
+        if others:
+            raise InputError(f'{path} holds files other than frame_NNNNN.png (first: {sorted(others)[0]}); '
+                             'give a new or empty folder')
+    return path
+
+
+def _check_parents(path: Path) -> None:
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f'cannot write {path}: {parent} is a file, not a folder')
+            return
+
+
 def _replace_folder(staging: Path, target: Path) -> None:
     """Swap a finished folder of frames into place; only a folder of our own frame files is ever replaced."""
     if target.exists():
-        if not target.is_dir():
-            raise ValueError(f'{target} exists and is not a folder')
-        others = [p.name for p in target.iterdir() if not FRAME_NAME.fullmatch(p.name)]
-        if others:
-            raise ValueError(
-                f'{target} holds files other than frame_NNNNN.png (first: {sorted(others)[0]}); '
-                'give a new or empty folder')
+        check_frames_path(target)  # again: the folder may have changed while the frames were written
         old = Path(tempfile.mkdtemp(prefix=f'.{target.name}.old-', dir=target.parent))
         os.replace(target, old / target.name)
         try:
@@ -178,9 +208,7 @@ def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int =
     Atomic: everything is written beside `path` first and moved over it only when complete, so a failed
     write never leaves a half video (or half a folder) in place of a good one.
     """
-    path = Path(path)
-    if path.suffix and path.suffix.lower() not in VIDEO_FORMATS:
-        raise ValueError(f'cannot write {path}: give a folder (no extension) or a {"/".join(VIDEO_FORMATS)} video')
+    path = check_frames_path(path)
     arrays = _to_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() in VIDEO_FORMATS:
@@ -277,7 +305,6 @@ def interpolate_embeddings(embeddings: torch.Tensor, factor: int) -> torch.Tenso
     return F.interpolate(flat, size=steps, mode='linear', align_corners=True)[0].T.reshape(steps, *embeddings.shape[1:])
 
 
-# ---------------------------------------------------------------------------------------------------------------
 # Bitstream
 #
 #   magic 'ZVID' | version u16 | header length u32 | header JSON | payload | CRC-32 of all that precedes it
@@ -287,6 +314,14 @@ def interpolate_embeddings(embeddings: torch.Tensor, factor: int) -> torch.Tenso
 #   fp32 min | fp32 scale | coding u8 | raw: the symbols (uint8, or uint16 above 8 bits)
 #                                     | categorical: word count u32, table (2^bits uint16 symbol weights),
 #                                       range-coded words (uint32)
+#
+# A bitstream is data from anywhere, and decoding one only decodes. The CRC covers the header too. The header
+# is checked against a schema before anything is built: the model must be a zoo video model, its arguments
+# come from an allow-list of architecture arguments (none loads weights, fetches or names a file), and every
+# count and size is bounded. The model is then built on the meta device, which allocates nothing, to check the
+# tensor table and the memory and work of decoding against the limits, and the payload's records are measured
+# against the table. Only then is anything allocated or decoded. `compress` checks the header it writes with
+# the same code, so the limits are the encoder's too: whatever it writes decodes.
 
 
 MAGIC, VERSION = b'ZVID', 2
@@ -294,6 +329,272 @@ _PREFIX = struct.Struct('<4sHI')
 _RECORD = struct.Struct('<ffB')
 _TABLE = struct.Struct('<I')
 RAW, CATEGORICAL = 0, 1
+
+# Limits, each far above what the papers' largest recipe writes (UVG: HNeRV-3M, 600 frames of 960x1920).
+MAX_HEADER_BYTES = 1 << 20       # the encoder's headers take a few KB: one short entry per tensor
+MAX_TENSORS = 1024               # NeRV++-L has 86
+MAX_TENSOR_DIMS = 4              # conv weights, and the frame embeddings (T, C, h, w)
+MAX_MODEL_VALUES = 1 << 27       # values in the tensor table, and in the rebuilt model: ten times NeRV-L's 12.6M
+MAX_FRAMES = 100_000             # over an hour at 25 fps; the recipes fit 132 to 600 frames
+MAX_FRAME_SIDE = 8192            # 8K UHD is 7680x4320
+MAX_DECODED_VALUES = 1 << 32     # T * 3 * H * W, which decode_video returns as float32 (16 GiB); UVG: 3.3e9
+MAX_FRAME_ACTIVATION = 1 << 31   # the largest tensor made decoding one frame; NeRV++-L at 720x1280: 9.8e7
+MAX_DECODE_MACS = 1 << 50        # multiply-accumulates to decode every frame (1.1e15); UVG: 7.2e13
+MIN_BITS_PER_PIXEL = 0.003       # payload bits per decoded pixel, so that a small file cannot claim a long video;
+                                 # the lowest rates in the papers' rate-distortion curves are about 0.01
+MAX_WIDTH, MAX_STAGES, MAX_DEPTH, MAX_STRIDE, MAX_PE_LEVELS = 4096, 8, 16, 64, 256
+MAX_BITSTREAM_BYTES = _PREFIX.size + MAX_HEADER_BYTES + MAX_TENSORS * _RECORD.size + 2 * MAX_MODEL_VALUES + 4
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class _Arg(NamedTuple):
+    """An allowed value: an integer, a number (integer or float) or a bool, or a name among `choices`; numbers
+    within `low`..`high`. `length` (min, max) makes it a list of such values, `items` a list of exactly these
+    values; `optional` admits null."""
+    kind: str
+    low: float = 0
+    high: float = 0
+    length: Optional[Tuple[int, int]] = None
+    items: Tuple['_Arg', ...] = ()
+    choices: Tuple[str, ...] = ()
+    optional: bool = False
+
+    def fits(self, value) -> bool:
+        if value is None:
+            return self.optional
+        if self.items:
+            return isinstance(value, list) and len(value) == len(self.items) and all(
+                item.fits(v) for item, v in zip(self.items, value))
+        if self.length:
+            return isinstance(value, list) and self.length[0] <= len(value) <= self.length[1] and all(
+                self._fits_one(v) for v in value)
+        return self._fits_one(value)
+
+    def _fits_one(self, value) -> bool:
+        if self.kind == 'bool':
+            return isinstance(value, bool)
+        if self.kind == 'name':
+            return isinstance(value, str) and value in self.choices
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == 'int' else (int, float)):
+            return False
+        return self.low <= value <= self.high  # NaN and infinities fail here
+
+    def describe(self) -> str:
+        if self.items:
+            text = f'[{", ".join(item.describe() for item in self.items)}]'
+        elif self.kind == 'bool':
+            text = 'true or false'
+        elif self.kind == 'name':
+            text = f'one of {", ".join(self.choices)}'
+        else:
+            text = f'an integer in {self.low}..{self.high}' if self.kind == 'int' else \
+                f'a number in {self.low:g}..{self.high:g}'
+        if self.length:
+            low, high = self.length
+            text = f'a list of {low if low == high else f"{low} to {high}"} values, each {text}'
+        return text + (' or null' if self.optional else '')
+
+
+# The architecture arguments a bitstream may give a video model; nothing else reaches the constructor.
+_SHARED_ARGS = {
+    'frame_size': _Arg('int', 1, MAX_FRAME_SIDE, length=(2, 2)),
+    'num_frames': _Arg('int', 1, MAX_FRAMES),
+    'fc_dim': _Arg('int', 1, MAX_WIDTH),
+    'lower_width': _Arg('int', 1, MAX_WIDTH),
+    'act_layer': _Arg('name', choices=('gelu', 'relu', 'silu')),
+    'out_act': _Arg('name', choices=('tanh', 'sigmoid')),
+    'num_classes': _Arg('int', 0, 0),  # timm records it; a video model has no classifier
+}
+_HNERV_ARGS = dict(
+    _SHARED_ARGS,
+    model_size=_Arg('number', 1e-3, MAX_MODEL_VALUES / 1e6),
+    fc_dim=_Arg('int', 1, MAX_WIDTH, optional=True),
+    enc_strides=_Arg('int', 1, MAX_STRIDE, length=(0, MAX_STAGES)),
+    dec_strides=_Arg('int', 1, MAX_STRIDE, length=(1, MAX_STAGES), optional=True),
+    enc_dim=_Arg('int', 1, MAX_WIDTH),
+    embed_dim=_Arg('int', 1, MAX_WIDTH),
+    enc_depth=_Arg('int', 1, MAX_DEPTH),
+    dec_depth=_Arg('int', 1, MAX_DEPTH),
+    kernel_sizes=_Arg('int', 1, 2 * MAX_DEPTH + 1, length=(2, 2)),
+    reduce=_Arg('number', 0.1, MAX_STRIDE),
+    pe=_Arg('pe', items=(_Arg('number', 1e-3, 4), _Arg('int', 1, MAX_PE_LEVELS)), optional=True),
+    fc_hw=_Arg('int', 1, MAX_FRAME_SIDE, length=(2, 2), optional=True),
+)
+_NERV_ARGS = dict(
+    _SHARED_ARGS,
+    strides=_Arg('int', 1, MAX_STRIDE, length=(1, MAX_STAGES)),
+    pe_base=_Arg('number', 1e-3, 4),
+    pe_levels=_Arg('int', 1, MAX_PE_LEVELS),
+    stem_dim=_Arg('int', 1, MAX_WIDTH),
+    stem_depth=_Arg('int', 1, MAX_DEPTH),
+    expansion=_Arg('number', 0.1, MAX_STRIDE),
+    reduction=_Arg('int', 1, MAX_STRIDE),
+    multi_head=_Arg('bool'),
+)
+_VIDEO_FAMILIES = {'zoo.models.hnerv': _HNERV_ARGS, 'zoo.models.nerv': _NERV_ARGS, 'zoo.models.nervpp': _NERV_ARGS}
+_HEADER_NUMBERS = {
+    'bits': _Arg('int', 1, 16),
+    'prune': _Arg('number', 0, 1),
+    'frames': _Arg('int', 1, MAX_FRAMES),
+    'payload_bytes': _Arg('int', 0, MAX_BITSTREAM_BYTES),
+}
+_HEADER_FIELDS = {'model', 'model_args', 'tensors', *_HEADER_NUMBERS}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + '...'
+
+
+def _video_model_args(name, where: str, error=InputError) -> Dict[str, _Arg]:
+    """The allowed arguments of zoo video model `name` (an architecture, no tag), or `error`."""
+    if isinstance(name, str) and re.fullmatch(r'[a-z0-9_]+', name) and timm.is_model(name):
+        family = _VIDEO_FAMILIES.get(timm.models.model_entrypoint(name).__module__)
+        if family is not None:
+            return family
+    raise error(f'{where}: model {_shown(name)} is not a zoo video model; bitstreams hold hnerv_*, nerv_* and nervpp_* '
+                'models (`zoo list "*nerv*"`)')
+
+
+def check_video_model(model) -> str:
+    """The architecture of `model` (a model or a name, with or without a tag) if it is a zoo video model, which
+    `compress` takes; else an InputError."""
+    name = model if isinstance(model, str) else getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+    name = timm.models.split_model_name_tag(registry_name(name))[0]
+    _video_model_args(name, 'compress takes a video model', InputError)
+    return name
+
+
+def _check_header(header, where: str, error=BitstreamError) -> None:
+    """Check a header against the schema: the fields, the model, its arguments (allow-list), every bound."""
+    if not isinstance(header, dict):
+        raise error(f'{where} is corrupt: its header is {type(header).__name__}, not a JSON object')
+    missing, unknown = sorted(_HEADER_FIELDS - header.keys()), sorted(header.keys() - _HEADER_FIELDS)
+    if missing or unknown:
+        raise error(f'{where} is corrupt: its header ' + '; '.join(
+            f'{what} {", ".join(map(repr, keys))}' for what, keys in (('lacks', missing), ('has unknown fields', unknown))
+            if keys))
+    allowed, args = _video_model_args(header['model'], where, error), header['model_args']
+    if not isinstance(args, dict):
+        raise error(f'{where}: model_args must be a JSON object; got {_shown(args)}')
+    for key, value in args.items():
+        if key not in allowed:
+            raise error(f'{where}: model argument {_shown(key)} is not allowed in a bitstream; {header["model"]} takes '
+                        f'{", ".join(sorted(allowed))}')
+        if not allowed[key].fits(value):
+            raise error(f'{where}: model_args.{key} must be {allowed[key].describe()}; got {_shown(value)}')
+    for key in ('frame_size', 'num_frames'):
+        if key not in args:
+            raise error(f'{where}: model_args lacks {key!r}, which the encoder always records')
+    for key, spec in _HEADER_NUMBERS.items():
+        if not spec.fits(header[key]):
+            raise error(f'{where}: {key} must be {spec.describe()}; got {_shown(header[key])}')
+    tensors = header['tensors']
+    if not isinstance(tensors, list) or not 1 <= len(tensors) <= MAX_TENSORS:
+        raise error(f'{where}: tensors must be a list of 1 to {MAX_TENSORS} [name, shape] entries (MAX_TENSORS); '
+                    f'got {_shown(tensors) if not isinstance(tensors, list) else f"{len(tensors)} entries"}')
+    names, values = set(), 0
+    shape_spec = _Arg('int', 1, MAX_MODEL_VALUES, length=(0, MAX_TENSOR_DIMS))
+    for entry in tensors:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and 1 <= len(entry[0]) <= 256 and shape_spec.fits(entry[1])):
+            raise error(f'{where}: every tensor entry must be [name, shape], shape {shape_spec.describe()}; '
+                        f'got {_shown(entry)}')
+        if entry[0] in names:
+            raise error(f'{where} is corrupt: tensor {entry[0]!r} is listed twice')
+        names.add(entry[0])
+        values += math.prod(entry[1])
+        if values > MAX_MODEL_VALUES:
+            raise error(f'{where}: its tensors hold more than {MAX_MODEL_VALUES} values (MAX_MODEL_VALUES)')
+    height, width = args['frame_size']
+    decoded = header['frames'] * 3 * height * width
+    if decoded > MAX_DECODED_VALUES:
+        raise error(f'{where}: {header["frames"]} frames of {height}x{width} decode to {decoded} values, above the '
+                    f'limit of {MAX_DECODED_VALUES} (MAX_DECODED_VALUES, 16 GiB as float32)')
+    rate = 8 * header['payload_bytes'] / (header['frames'] * height * width)
+    if rate < MIN_BITS_PER_PIXEL:
+        raise error(f'{where}: {header["payload_bytes"]} payload bytes cannot hold {header["frames"]} frames of '
+                    f'{height}x{width}: {rate:.2g} bits per pixel, below the floor of {MIN_BITS_PER_PIXEL} '
+                    '(MIN_BITS_PER_PIXEL)')
+
+
+class _Plan(NamedTuple):
+    """What building and running a model on the meta device tells about decoding with it."""
+    values: int                      # parameters and buffers
+    tensors: Dict[str, Tuple[int, ...]]  # the decoder state dict's shapes
+    embed_shape: Optional[Tuple[int, ...]]  # one frame's stored embedding (None: frame-index models)
+    num_frames: int
+    frame_shape: Tuple[int, ...]     # what decoding one frame gives
+    largest: int                     # values of the largest tensor decoding one frame makes
+    macs: int                        # multiply-accumulates of its convolutions and linear layers for one frame
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(name: str, args_json: str) -> Union[_Plan, str]:
+    """Build `name` with the (checked) arguments on the meta device, where nothing is allocated, and decode one
+    frame there (the plain path: the largest activations, the model's own MACs); a message if either fails."""
+    args, largest, macs = json.loads(args_json), [0], [0]
+
+    def track(module, inputs, output):
+        for tensor in output if isinstance(output, (list, tuple)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                largest[0] = max(largest[0], tensor.numel())
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            macs[0] += output.numel() * module.weight[0].numel()
+
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name, pretrained=False, **args).eval()
+        values = sum(v.numel() for v in model.state_dict().values())
+        if values > MAX_MODEL_VALUES:
+            return f'{name} built with {_shown(args)} holds {values} values, above the limit of {MAX_MODEL_VALUES} ' \
+                   '(MAX_MODEL_VALUES)'
+        model.fast_decode = False
+        with torch.no_grad(), nn.modules.module.register_module_forward_hook(track):
+            if model.input_kind == 'index':
+                embedding = model.encode(index=torch.zeros(1, dtype=torch.long, device='meta'))
+            else:
+                embedding = torch.empty(1, *model.embed_shape, device='meta')
+            frame = model.decode(embedding)
+    except (ValueError, TypeError, LookupError, ArithmeticError, RuntimeError) as e:
+        return f'{name} cannot be built and run with {_shown(args)}: {e}'
+    return _Plan(values, {k: tuple(v.shape) for k, v in model.decoder_state_dict().items()},
+                 tuple(model.embed_shape) if model.stored_embeddings else None, model.num_frames, tuple(frame.shape),
+                 largest[0], macs[0])
+
+
+def _check_model(header, where: str, error=BitstreamError) -> None:
+    """Check the header against its model as built on the meta device: the tensor table, the frame count, the
+    frame it decodes, and the memory and work of decoding."""
+    name, args, frames = header['model'], header['model_args'], header['frames']
+    plan = _plan(name, json.dumps(args, sort_keys=True))
+    if isinstance(plan, str):
+        raise error(f'{where}: {plan}')
+    height, width = args['frame_size']
+    if plan.frame_shape != (1, 3, height, width):
+        raise error(f'{where}: {name} with these arguments decodes {plan.frame_shape[-2:]} frames, not the '
+                    f'{height}x{width} of its frame_size')
+    if plan.largest > MAX_FRAME_ACTIVATION:
+        raise error(f'{where}: decoding one frame makes a tensor of {plan.largest} values, above the limit of '
+                    f'{MAX_FRAME_ACTIVATION} (MAX_FRAME_ACTIVATION)')
+    if frames * plan.macs > MAX_DECODE_MACS:
+        raise error(f'{where}: decoding {frames} frames takes {frames * plan.macs:.3g} multiply-accumulates, above '
+                    f'the limit of {MAX_DECODE_MACS:.3g} (MAX_DECODE_MACS)')
+    expected = dict(plan.tensors)
+    if plan.embed_shape is not None:
+        expected['embeddings'] = (frames, *plan.embed_shape)
+    elif frames != plan.num_frames:
+        raise error(f'{where}: it declares {frames} frames, but its {name} represents num_frames={plan.num_frames}')
+    table = {key: tuple(shape) for key, shape in header['tensors']}
+    missing = [k for k in expected if k not in table]
+    unexpected = [k for k in table if k not in expected]
+    mismatched = [f'{k} {table[k]} vs {v}' for k, v in expected.items() if k in table and table[k] != v]
+    if missing or unexpected or mismatched:
+        problems = [f'{len(keys)} tensors {what} (first: {", ".join(keys[:3])})'
+                    for what, keys in (('missing', missing), ('unexpected', unexpected),
+                                       ('of another shape', mismatched)) if keys]
+        raise error(f'{where} does not fit {name} {_shown(args)}: {"; ".join(problems)}. It was written for another '
+                    'model')
 
 
 def _prune(state: Dict[str, torch.Tensor], amount: float) -> Dict[str, torch.Tensor]:
@@ -339,31 +640,78 @@ def _encode_symbols(symbols: np.ndarray, bits: int) -> Tuple[int, bytes]:
     return (CATEGORICAL, coded) if len(coded) < len(raw) else (RAW, raw)
 
 
-def _decode_record(payload: memoryview, offset: int, numel: int, bits: int) -> Tuple[np.ndarray, float, float, int]:
+class _Record(NamedTuple):
+    key: str
+    shape: Tuple[int, ...]
+    t_min: float
+    scale: float
+    coding: int
+    start: int  # where the symbols (raw) or the word count (categorical) begin in the payload
+
+
+def _records(payload: memoryview, header: dict, where: str) -> List[_Record]:
+    """Where each tensor's record lies in the payload, checked against the tensor table before anything is
+    decoded: every record whole, a finite range, a known coding, a coded record smaller than the raw symbols
+    (the encoder writes it only then), and nothing after the last one."""
+    bits = header['bits']
+    levels, itemsize, table_bytes = 2 ** bits - 1, 1 if bits <= 8 else 2, 2 * 2 ** bits
+    records, offset = [], 0
+    for key, shape in header['tensors']:
+        if offset + _RECORD.size > len(payload):
+            raise BitstreamError(f'{where} is corrupt: its payload ends before the record of {key}')
+        t_min, scale, coding = _RECORD.unpack_from(payload, offset)
+        start = offset + _RECORD.size
+        raw_end = start + math.prod(shape) * itemsize
+        if not (math.isfinite(t_min) and math.isfinite(scale) and scale >= 0
+                and abs(t_min) + scale * levels <= _FLOAT32_MAX):
+            raise BitstreamError(f'{where} is corrupt: tensor {key} has the range min {t_min}, scale {scale}')
+        if coding == RAW:
+            end = raw_end
+        elif coding == CATEGORICAL and start + _TABLE.size <= len(payload):
+            (num_words,) = _TABLE.unpack_from(payload, start)
+            end = start + _TABLE.size + table_bytes + 4 * num_words
+            if num_words == 0 or end >= raw_end:
+                raise BitstreamError(f'{where} is corrupt: the coded record of {key} declares {num_words} words, '
+                                     'which the encoder never writes')
+        else:
+            raise BitstreamError(f'{where} is corrupt: the record of {key} has coding {coding}, not raw ({RAW}) or '
+                                 f'categorical ({CATEGORICAL}), or ends early')
+        if end > len(payload):
+            raise BitstreamError(f'{where} is corrupt: the record of {key} runs past the end of the payload')
+        records.append(_Record(key, tuple(shape), t_min, scale, coding, start))
+        offset = end
+    if offset != len(payload):
+        raise BitstreamError(f'{where} is corrupt: {len(payload) - offset} payload bytes follow the last tensor')
+    return records
+
+
+def _decode_record(payload: memoryview, record: _Record, bits: int, where: str) -> torch.Tensor:
+    """The dequantised tensor of a record that `_records` checked."""
     import constriction
 
-    t_min, scale, coding = _RECORD.unpack_from(payload, offset)
-    offset += _RECORD.size
-    if coding == RAW:
-        dtype = np.dtype(np.uint8 if bits <= 8 else '<u2')
-        symbols = np.frombuffer(payload, dtype=dtype, count=numel, offset=offset).astype(np.int64)
-        return symbols, t_min, scale, offset + numel * dtype.itemsize
-    (num_words,) = _TABLE.unpack_from(payload, offset)
-    offset += _TABLE.size
-    table = np.frombuffer(payload, dtype='<u2', count=2 ** bits, offset=offset)
-    offset += 2 * 2 ** bits
-    words = np.frombuffer(payload, dtype='<u4', count=num_words, offset=offset).astype(np.uint32)
-    decoder = constriction.stream.queue.RangeDecoder(words)
-    symbols = decoder.decode(_categorical(table), numel).astype(np.int64)
-    return symbols, t_min, scale, offset + 4 * num_words
+    numel, levels = math.prod(record.shape), 2 ** bits - 1
+    if record.coding == RAW:
+        symbols = np.frombuffer(payload, dtype=np.uint8 if bits <= 8 else '<u2', count=numel, offset=record.start)
+    else:
+        (num_words,) = _TABLE.unpack_from(payload, record.start)
+        table = np.frombuffer(payload, dtype='<u2', count=2 ** bits, offset=record.start + _TABLE.size)
+        words = np.frombuffer(payload, dtype='<u4', count=num_words, offset=record.start + _TABLE.size + 2 * 2 ** bits)
+        if not table.any():
+            raise BitstreamError(f'{where} is corrupt: the symbol table of {record.key} is empty')
+        try:
+            symbols = constriction.stream.queue.RangeDecoder(words.astype(np.uint32)).decode(_categorical(table), numel)
+        except (ValueError, RuntimeError, AssertionError) as e:
+            raise BitstreamError(f'{where} is corrupt: the coded symbols of {record.key} cannot be decoded ({e})') from e
+    if numel and int(symbols.max()) > levels:
+        raise BitstreamError(f'{where} is corrupt: tensor {record.key} has symbols above {levels}, the top of {bits} bits')
+    return (record.t_min + record.scale * torch.from_numpy(symbols.astype(np.int64)).float()).reshape(record.shape)
 
 
 def _model_args(model) -> Dict[str, object]:
     """The timm factory kwargs that rebuild `model`, checked to give the same decoder tensors."""
-    import timm
-
     name = model.pretrained_cfg['architecture']
     args = dict(timm.models.get_model_args(model), frame_size=list(model.frame_size), num_frames=model.num_frames)
+    args.pop('stored_frames', None)  # a release's own embeddings: a bitstream carries them as its own section
     try:
         args = json.loads(json.dumps(args))
     except TypeError as e:
@@ -396,6 +744,15 @@ def _decode_batches(model, embeddings: torch.Tensor, batch_size: int) -> Iterato
         yield model.decode(embeddings[i:i + batch_size]).float()
 
 
+def check_bitstream_path(path: PathLike) -> Path:
+    """Refuse, before any work, a bitstream path that cannot be written: a folder, or a path under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f'{path} is a folder: give the bitstream file to write, e.g. {path / "video.zvid"}')
+    _check_parents(path)
+    return path
+
+
 def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune: float = 0.1, bits: int = 8,
              embeddings: Optional[torch.Tensor] = None, batch_size: int = 8) -> Dict[str, object]:
     """Write `model` (and, for HNeRV, the frame embeddings) as a bitstream at `path`; measure it.
@@ -407,14 +764,14 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns the file size in
     bytes (total and per section), bits per pixel (file bits / (T * H * W)), and, when `frames` are given, the
     per-frame-mean PSNR and MS-SSIM of the video decoded from the written file (MS-SSIM is None for frames of
-    160 px or less).
+    160 px or less). A model the decoder's limits refuse (the `MAX_*` constants) is refused here, before writing.
     """
-    path = Path(path)
+    path = check_bitstream_path(path)
+    name = check_video_model(model)
     if not 1 <= bits <= 16:
         raise ValueError(f'bits must be in 1..16; got {bits}')
     if not 0 <= prune < 1:
         raise ValueError(f'prune is the fraction of decoder weights set to zero, in [0, 1); got {prune}')
-    name = model.pretrained_cfg['architecture']
     height, width = model.frame_size
     if frames is not None and tuple(frames.shape[1:]) != (3, height, width):
         raise ValueError(f'{name} was built for {height}x{width} frames; got frames of shape {tuple(frames.shape)}. '
@@ -436,22 +793,28 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
         num_frames = model.num_frames
         if frames is not None and len(frames) != num_frames:
             raise ValueError(f'{name} represents {num_frames} frames; got {len(frames)} frames to compare with')
-    payload, sizes = bytearray(), {'decoder_bytes': 0, 'embedding_bytes': 0}
-    for key, tensor in tensors.items():
-        symbols, t_min, scale = _quantize(tensor, bits)
-        coding, data = _encode_symbols(symbols, bits)
-        record = _RECORD.pack(t_min, scale, coding) + data
-        sizes['embedding_bytes' if key == 'embeddings' else 'decoder_bytes'] += len(record)
-        payload += record
-    header = json.dumps({
+    header = {
         'model': name,
         'model_args': model_args,
         'bits': bits,
         'prune': prune,
         'frames': num_frames,
         'tensors': [[key, list(tensor.shape)] for key, tensor in tensors.items()],
-        'payload_bytes': len(payload),
-    }, separators=(',', ':')).encode()
+    }
+    payload, sizes = bytearray(), {'decoder_bytes': 0, 'embedding_bytes': 0}
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise InputError(f'{name}: tensor {key} holds NaN or infinite values, which cannot be quantised')
+        symbols, t_min, scale = _quantize(tensor, bits)
+        coding, data = _encode_symbols(symbols, bits)
+        record = _RECORD.pack(t_min, scale, coding) + data
+        sizes['embedding_bytes' if key == 'embeddings' else 'decoder_bytes'] += len(record)
+        payload += record
+    header['payload_bytes'] = len(payload)
+    where = f'a bitstream of this {name}'
+    _check_header(header, where, InputError)
+    _check_model(header, where, InputError)
+    header = json.dumps(header, separators=(',', ':')).encode()
     blob = _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
     blob += struct.pack('<I', zlib.crc32(blob))
     write_atomically(path, lambda f: f.write(blob))
@@ -474,11 +837,25 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     return result
 
 
+def _no_constant(name: str):
+    raise ValueError(f'{name} is not a number a bitstream holds')
+
+
 def _read_bitstream(path: Path) -> Tuple[dict, memoryview]:
-    """Header and payload of a bitstream, after checking its magic, version, length and checksum."""
-    if not path.is_file():
-        raise FileNotFoundError(f'no bitstream at {path}')
-    data = path.read_bytes()
+    """Header and payload of a bitstream, after checking its size, magic, version, length, checksum and header."""
+    try:
+        if path.is_dir():
+            raise BitstreamError(f'{path} is a folder, not a bitstream')
+        size = path.stat().st_size
+        if size > MAX_BITSTREAM_BYTES:
+            raise BitstreamError(f'{path} is {size} bytes, above the {MAX_BITSTREAM_BYTES} bytes a bitstream can take '
+                                 '(MAX_BITSTREAM_BYTES): it is not a zoo video bitstream')
+        with open(path, 'rb') as f:
+            data = f.read(MAX_BITSTREAM_BYTES + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'no bitstream at {path}') from None
+    except OSError as e:
+        raise BitstreamError(f'cannot read {path}: {e.strerror or e}') from e
     if len(data) < _PREFIX.size + 4:
         raise BitstreamError(f'{path} is truncated: {len(data)} bytes, shorter than any zoo video bitstream')
     magic, version, header_len = _PREFIX.unpack_from(data)
@@ -486,22 +863,30 @@ def _read_bitstream(path: Path) -> Tuple[dict, memoryview]:
         raise BitstreamError(f'{path} is not a zoo video bitstream (it starts with {magic!r}, not {MAGIC!r})')
     if version != VERSION:
         raise BitstreamError(f'{path} is bitstream format version {version}; this zoo reads version {VERSION}')
+    if header_len > MAX_HEADER_BYTES:
+        raise BitstreamError(f'{path} is corrupt: it declares a header of {header_len} bytes, above the limit of '
+                             f'{MAX_HEADER_BYTES} (MAX_HEADER_BYTES)')
     end_of_header = _PREFIX.size + header_len
     if len(data) < end_of_header + 4:
         raise BitstreamError(f'{path} is truncated: {len(data)} bytes, its header alone needs {end_of_header}')
     try:
-        header = json.loads(data[_PREFIX.size:end_of_header])
-        expected = end_of_header + header['payload_bytes'] + 4
-    except (ValueError, KeyError, TypeError) as e:
-        raise BitstreamError(f'{path} is corrupt: its header cannot be read ({e})') from e
-    if len(data) < expected:
-        raise BitstreamError(f'{path} is truncated: {len(data)} bytes of the {expected} its header declares')
-    if len(data) > expected:
-        raise BitstreamError(f'{path} is corrupt: {len(data) - expected} bytes follow the end of the bitstream')
-    (stored,) = struct.unpack_from('<I', data, expected - 4)
-    if zlib.crc32(data[:expected - 4]) != stored:
+        header, problem = json.loads(data[_PREFIX.size:end_of_header], parse_constant=_no_constant), None
+    except (ValueError, RecursionError) as e:
+        header, problem = None, str(e)
+    declared = header.get('payload_bytes') if isinstance(header, dict) else None
+    if _HEADER_NUMBERS['payload_bytes'].fits(declared):
+        expected = end_of_header + declared + 4
+        if len(data) < expected:
+            raise BitstreamError(f'{path} is truncated: {len(data)} bytes of the {expected} its header declares')
+        if len(data) > expected:
+            raise BitstreamError(f'{path} is corrupt: {len(data) - expected} bytes follow the end of the bitstream')
+    (stored,) = struct.unpack_from('<I', data, len(data) - 4)
+    if zlib.crc32(memoryview(data)[:-4]) != stored:
         raise BitstreamError(f'{path} is corrupt: checksum mismatch (the file changed after it was written)')
-    return header, memoryview(data)[end_of_header:expected - 4]
+    if problem is not None:
+        raise BitstreamError(f'{path} is corrupt: its header cannot be read ({problem})')
+    _check_header(header, str(path))
+    return header, memoryview(data)[end_of_header:-4]
 
 
 def decompress(path: PathLike, device: Union[str, torch.device] = 'cpu'):
@@ -509,41 +894,18 @@ def decompress(path: PathLike, device: Union[str, torch.device] = 'cpu'):
 
     The model carries the dequantised decoder; HNeRV's encoder is not in the bitstream and keeps its initial
     weights. `embeddings` are the stored ones (HNeRV) or the model's encoding of every frame index (NeRV).
+    Anything malformed raises a BitstreamError before anything is allocated (see the checks above).
     """
-    import timm
-
-    from zoo.registry import check_model_name
-
     path = Path(path)
     header, payload = _read_bitstream(path)
-    check_model_name(header['model'])
-    try:
-        model = timm.create_model(header['model'], **header['model_args'])
-    except (TypeError, ValueError) as e:
-        raise BitstreamError(f'{path} was written for {header["model"]} with arguments it does not take: {e}') from e
-    expected = model.decoder_state_dict()
-    table = {key: tuple(shape) for key, shape in header['tensors']}
-    stored = table.pop('embeddings', None)
-    missing = [k for k in expected if k not in table]
-    unexpected = [k for k in table if k not in expected]
-    mismatched = [f'{k} {table[k]} vs {tuple(v.shape)}' for k, v in expected.items()
-                  if k in table and table[k] != tuple(v.shape)]
-    if missing or unexpected or mismatched:
-        problems = [f'{len(keys)} tensors {what} (first: {", ".join(keys[:3])})'
-                    for what, keys in (('missing', missing), ('unexpected', unexpected),
-                                       ('of another shape', mismatched)) if keys]
-        raise BitstreamError(f'{path} does not fit {header["model"]} {header["model_args"]}: '
-                             f'{"; ".join(problems)}. It was written for another model')
-
-    tensors, offset = {}, 0
-    for key, shape in header['tensors']:
-        numel = int(np.prod(shape))
-        symbols, t_min, scale, offset = _decode_record(payload, offset, numel, header['bits'])
-        tensors[key] = (t_min + scale * torch.from_numpy(symbols).float()).reshape(shape)
+    _check_model(header, str(path))
+    records = _records(payload, header, str(path))
+    tensors = {record.key: _decode_record(payload, record, header['bits'], str(path)) for record in records}
     embeddings = tensors.pop('embeddings', None)
+    model = timm.create_model(header['model'], pretrained=False, **header['model_args'])
     model.load_decoder_state_dict(tensors)
     model.to(device).eval()
-    if stored is None:
+    if embeddings is None:
         with torch.no_grad():
             embeddings = model.encode(index=torch.arange(header['frames'], device=device))
     return model, embeddings.to(device)
