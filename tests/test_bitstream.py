@@ -2,7 +2,6 @@
 in code, a fetch, a file read, another exception or a damaged output; the CLI's compress / decode failures; the
 video models' construction and frame-index checks; 16-bit images."""
 import importlib.util
-import json
 import socket
 from pathlib import Path
 
