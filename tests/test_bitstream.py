@@ -60,11 +60,11 @@ def crafted(blob, change):
     return fuzz.join(header, payload)
 
 
-
 def _stderr(capsys) -> str:
     """What the command printed on stderr, less its progress lines (`zoo CMD: decoding ...`)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.endswith('...')]
     return ''.join(line + '\n' for line in lines)
+
 
 def decode_cli(tmp_path, blob, capsys):
     """`zoo decode` of `blob` over an existing output folder: (exit code, stderr, whether the output is intact)."""
