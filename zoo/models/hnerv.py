@@ -27,6 +27,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtBlock
 
+from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_size
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
@@ -199,6 +200,7 @@ class HNeRVDecoder(nn.Module):
 # Model
 
 
+@takes_device_dtype
 class HNeRV(nn.Module):
     """HNeRV for one video of `num_frames` frames of `frame_size` (H, W).
 

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models.inception_resnet_v2 import InceptionResnetV2 as TimmInceptionResnetV2
 from timm.models.inception_v4 import InceptionV4 as TimmInceptionV4, Mixed3a, Mixed4a, Mixed5a
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 
 __all__ = ['InceptionV4', 'InceptionResnetV2', 'InceptionResnet']
 
@@ -183,6 +183,7 @@ class ReductionB(nn.Module):
         return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
 
 
+@takes_device_dtype
 class InceptionResnet(nn.Module):
     """An Inception-ResNet laid out as in the paper (Fig. 15), with the timm model interface.
 

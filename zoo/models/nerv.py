@@ -19,11 +19,13 @@ import torch.nn as nn
 from timm.layers import get_act_layer
 from timm.models import generate_default_cfgs, register_model
 
+from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_size
 
 __all__ = ['NeRV']
 
 
+@takes_device_dtype
 class NeRV(nn.Module):
     """NeRV for one video of `num_frames` frames of `frame_size` (H, W); the input is the frame index.
 

@@ -31,7 +31,7 @@ from timm.layers import (
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 
 __all__ = ['SpaRTAN']
 
@@ -157,6 +157,7 @@ class SpaRTANStage(nn.Module):
         return self.blocks(x)
 
 
+@takes_device_dtype
 class SpaRTAN(nn.Module):
     """SpaRTAN classifier with the timm model interface.
 

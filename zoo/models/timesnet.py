@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 
 __all__ = ['TimesNet', 'ReShape', 'PostFeaturePyramid']
 
@@ -69,6 +69,7 @@ class PostFeaturePyramid(nn.Module):
         return self.fuse(x)
 
 
+@takes_device_dtype
 class TimesNet(nn.Module):
     """×Net: timm encoder -> Re-Shape -> reversed pre-trained timm classifier (+ image mixing) -> Post FP -> head.
 

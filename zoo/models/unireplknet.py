@@ -33,7 +33,7 @@ from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHe
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model, reparameterize_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 
 __all__ = ['UniRepLKNet', 'DilatedReparamConv', 'UniRepLKNetBlock']
 
@@ -352,6 +352,7 @@ class UniRepLKNetStage(nn.Module):
         return self.blocks(x)
 
 
+@takes_device_dtype
 class UniRepLKNet(nn.Module):
     """UniRepLKNet classifier with the timm model interface.
 
