@@ -14,8 +14,16 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1, channel
     capture the model, so scripted, traced and exported graphs carry no data-dependent branches.
     """
     if not torch.jit.is_scripting():
-        if not (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()):
+        if not is_traced(x):
             _check_image_input(x, in_chans, min_size, channel_hint)
+
+
+def is_traced(x: torch.Tensor) -> bool:
+    """True while FX traces `x` or dynamo / torch.export capture the model: skip eager-only input checks.
+
+    Call it inside `if not torch.jit.is_scripting():`, which TorchScript does not compile.
+    """
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()
 
 
 @torch.jit.unused

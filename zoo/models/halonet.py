@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, create_act_layer, get_act_layer, trunc_normal_,
+    BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, create_act_layer, get_act_layer, get_device_dtype,
+    trunc_normal_,
 )
 from timm.layers.halo_attn import PosEmbedRel
 from timm.models import (
@@ -383,7 +384,7 @@ class HaloNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,

@@ -40,14 +40,17 @@ MIN_INPUT_SIZE = 75
 
 class _TimmInceptionAdditions:
     """What the zoo adds to timm's Inception classes: a gradient-checkpointing switch and input checks."""
-    grad_checkpointing = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_checkpointing = False  # an instance attribute: TorchScript does not see class attributes
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return super().forward_intermediates(x, *args, **kwargs)
 
 
@@ -55,7 +58,7 @@ class InceptionV4(_TimmInceptionAdditions, TimmInceptionV4):
     """timm's Inception-v4, plus gradient checkpointing and input checks."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.features, x)
         return self.features(x)
@@ -76,7 +79,7 @@ class InceptionResnetV2(_TimmInceptionAdditions, TimmInceptionResnetV2):
     """timm's Inception-ResNet-v2 (TF-slim layout), plus gradient checkpointing and input checks."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return _run_layers(self, x)
 
 
@@ -332,7 +335,7 @@ class InceptionResnet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"Inception-ResNet features are NCHW, got output_fmt={output_fmt!r}")
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         take_ends = [self.feature_ends[i] for i in take_indices]
         layer_names = self.layer_names[:self.feature_ends[max_index] + 1] if stop_early else self.layer_names
@@ -363,7 +366,7 @@ class InceptionResnet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return _run_layers(self, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, ConvNormAct, DropPath, GroupNorm1, LayerScale2d, SEModule, create_conv2d,
+    ClassifierHead, ConvNormAct, DropPath, GroupNorm1, LayerScale2d, SEModule, create_conv2d, get_device_dtype,
     trunc_normal_,
 )
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
@@ -268,7 +268,7 @@ class SpaRTAN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,

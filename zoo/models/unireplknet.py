@@ -29,7 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, trunc_normal_
+from timm.layers import (
+    DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, get_device_dtype, trunc_normal_,
+)
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model, reparameterize_model
 from timm.models._features import feature_take_indices
 
@@ -504,7 +506,7 @@ class UniRepLKNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,
