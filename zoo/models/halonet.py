@@ -38,7 +38,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 from timm.models.byoanet import ByobNet, model_cfgs as timm_byoanet_cfgs
 
-from zoo.layers import check_image_input, takes_device_dtype
+from zoo.layers import check_image_input, is_traced, takes_device_dtype
 
 __all__ = ['HaloNet', 'HaloAttention']
 
@@ -360,8 +360,9 @@ class HaloNet(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_chans)
-        if not self.pad_to_block:
-            check_halo_input_size(x, self.attn_reductions[:len(self.stages)], self.block_size, self.size_multiple)
+        if not torch.jit.is_scripting():  # eager only: TorchScript skips this block, FX / export skip the check
+            if not self.pad_to_block and not is_traced(x):
+                check_halo_input_size(x, self.attn_reductions[:len(self.stages)], self.block_size, self.size_multiple)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
