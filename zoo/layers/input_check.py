@@ -10,7 +10,24 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int = 1, channel
     """Raise ``ValueError`` unless ``x`` is an (N, in_chans, H, W) batch with H, W >= ``min_size``.
 
     ``channel_hint`` replaces the advice to rebuild with another ``in_chans``, for models that cannot.
+    An eager-mode check only: skipped while TorchScript compiles, FX traces, or dynamo / torch.export
+    capture the model, so scripted, traced and exported graphs carry no data-dependent branches.
     """
+    if not torch.jit.is_scripting():
+        if not is_traced(x):
+            _check_image_input(x, in_chans, min_size, channel_hint)
+
+
+def is_traced(x: torch.Tensor) -> bool:
+    """True while FX traces `x` or dynamo / torch.export capture the model: skip eager-only input checks.
+
+    Call it inside `if not torch.jit.is_scripting():`, which TorchScript does not compile.
+    """
+    return isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling()
+
+
+@torch.jit.unused
+def _check_image_input(x: torch.Tensor, in_chans: int, min_size: int, channel_hint: Optional[str]) -> None:
     if x.ndim != 4:
         raise ValueError(
             f'expected a 4-D image batch (N, {in_chans}, H, W), got a {x.ndim}-D tensor of shape {tuple(x.shape)}')

@@ -24,7 +24,7 @@ from timm.models import checkpoint, register_model
 from timm.models import convit as timm_convit
 from timm.models._features import feature_take_indices
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, is_traced
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['ConVit']
@@ -47,11 +47,13 @@ class ConVit(timm_convit.ConVit):
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_chans, max(self.patch_embed.patch_size))
-        size = self.patch_embed.img_size
-        if self.patch_embed.strict_img_size and tuple(x.shape[-2:]) != tuple(size):
-            raise ValueError(
-                f'ConViT position embeddings are fixed at {size[0]}x{size[1]} images, got {x.shape[-2]}x{x.shape[-1]}; '
-                f'build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) (the embedding is resampled on load)')
+        if not torch.jit.is_scripting():  # eager only: TorchScript skips this block, FX / export skip the check
+            size = self.patch_embed.img_size
+            if not is_traced(x) and self.patch_embed.strict_img_size and tuple(x.shape[-2:]) != tuple(size):
+                raise ValueError(
+                    f'ConViT position embeddings are fixed at {size[0]}x{size[1]} images, got '
+                    f'{x.shape[-2]}x{x.shape[-1]}; build the model with img_size=({x.shape[-2]}, {x.shape[-1]}) '
+                    '(the embedding is resampled on load)')
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -59,14 +61,11 @@ class ConVit(timm_convit.ConVit):
             x = x + self.pos_embed
         return self.pos_drop(x)
 
-    def _run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Block `index`, after prepending the class token where the GPSA blocks end."""
+    def _prepend_cls_token(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Before block `index`: the class token joins where the GPSA blocks end."""
         if index == self.local_up_to_layer and self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        block = self.blocks[index]
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(block, x)
-        return block(x)
+        return x
 
     def forward_intermediates(
             self,
@@ -91,12 +90,13 @@ class ConVit(timm_convit.ConVit):
             raise ValueError(f"ConViT features are 'NCHW' or 'NLC', got output_fmt={output_fmt!r}")
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        last = len(self.blocks) - 1 if torch.jit.is_scripting() or not stop_early else max_index
+        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
         B, _, height, width = x.shape
         x = self._embed(x)
         intermediates = []
-        for i in range(last + 1):
-            x = self._run_block(i, x)
+        for i, block in enumerate(blocks):  # enumerate, not indexing: TorchScript indexes modules by literals only
+            x = self._prepend_cls_token(i, x)
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 intermediates.append(y[:, 1:] if i >= self.local_up_to_layer and self.cls_token is not None else y)
@@ -110,8 +110,9 @@ class ConVit(timm_convit.ConVit):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x = self._embed(x)
-        for i in range(len(self.blocks)):
-            x = self._run_block(i, x)
+        for i, block in enumerate(self.blocks):
+            x = self._prepend_cls_token(i, x)
+            x = checkpoint(block, x) if self.grad_checkpointing and not torch.jit.is_scripting() else block(x)
         return self.norm(x)
 
 

@@ -15,6 +15,10 @@ bottleneck block's spatial conv is halo attention:
   added to the scaled q.k logits, indexed by the true key-query displacement;
 * the first block of stages 2-4 downsamples with strided attention: queries are taken at every second
   pixel of each block (b/2 x b/2 query blocks), keys and values at full resolution in the same window.
+
+`halonet_h1` is timm's own model (timm's ByobNet: ReLU, timm's strided-query position indexing, timm's
+state-dict layout), registered again with zoo metadata only: a checkpoint of timm's `halonet_h1` loads into it
+and gives timm's outputs, whether or not zoo was imported. The zoo's HaloNet class builds the other seven rows.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
@@ -24,15 +28,17 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, create_act_layer, get_act_layer, trunc_normal_,
+    BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, create_act_layer, get_act_layer, get_device_dtype,
+    trunc_normal_,
 )
 from timm.layers.halo_attn import PosEmbedRel
 from timm.models import (
     checkpoint_seq, register_model, register_notrace_function, register_notrace_module,
 )
 from timm.models._features import feature_take_indices
+from timm.models.byoanet import ByobNet, model_cfgs as timm_byoanet_cfgs
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, is_traced, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['HaloNet', 'HaloAttention']
@@ -246,6 +252,7 @@ def check_halo_input_size(
                     f'the model with pad_to_block=True to zero-pad each attention input to a multiple of {block_size}')
 
 
+@takes_device_dtype
 class HaloNet(nn.Module):
     """HaloNet classifier with the timm model interface.
 
@@ -370,8 +377,9 @@ class HaloNet(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         check_image_input(x, self.in_chans)
-        if not self.pad_to_block:
-            check_halo_input_size(x, self.attn_reductions[:len(self.stages)], self.block_size, self.size_multiple)
+        if not torch.jit.is_scripting():  # eager only: TorchScript skips this block, FX / export skip the check
+            if not self.pad_to_block and not is_traced(x):
+                check_halo_input_size(x, self.attn_reductions[:len(self.stages)], self.block_size, self.size_multiple)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -394,7 +402,7 @@ class HaloNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,
@@ -546,6 +554,7 @@ default_cfgs = zoo_cfgs({
         meta=dict(params_m=_META[name][0], gmacs=_META[name][1], recipe=f'training/recipes/{name}.yaml',
                   paper=[paper('ImageNet-1k', 'arXiv:2103.12731 model table', top1=_META[name][2])]),
         **(dict(min_input_size=(3, 32, 32), notes=(_H7_NOTE,)) if arch.get('pad_to_block') else {}),
+        **(dict(first_conv='stem.conv1.conv') if name == 'halonet_h1' else {}),
     )
     for name, arch in _ARCHS.items()
 })
@@ -572,12 +581,15 @@ card_info = dict(
         'paper\'s sizes for H0-H6), else a ValueError names the multiple; with pad_to_block=True every attention '
         'input is instead zero-padded at the bottom and right to a multiple of b and the output cropped to '
         'ceil(size / stride). halonet_h7 pads by default because its 600 px does not divide. The training recipe '
-        '(dropout, stochastic depth, schedule) is not reproduced. The zoo\'s halonet_h1 replaces timm\'s own '
-        'registration of that name (also untrained; ReLU, and strided queries indexed by their sub-sampled '
-        'coordinate in the position tables).'),
+        '(dropout, stochastic depth, schedule) is not reproduced. halonet_h1 is timm\'s own model (timm\'s ByobNet: '
+        'ReLU, strided queries indexed by their sub-sampled coordinate in the position tables, timm\'s key '
+        'layout), so that checkpoints of timm\'s halonet_h1 keep loading with the same outputs; the details above '
+        'describe the other seven models.'),
     variants={
         'halonet_h0': 'b=8, h=3, rv=1.0, rb=0.5, depths 3/3/7/3, no df, 256 px, 5.5M params, 77.9% top-1',
-        'halonet_h1': 'b=8, h=3, rv=1.0, rb=1.0, depths 3/3/10/3, no df, 256 px, 8.1M params, 79.9% top-1',
+        'halonet_h1': (
+            'b=8, h=3, rv=1.0, rb=1.0, depths 3/3/10/3, no df, 256 px, 8.1M params, 79.9% top-1 (timm\'s '
+            'ByobNet implementation)'),
         'halonet_h2': 'b=8, h=3, rv=1.0, rb=1.25, depths 3/3/11/3, no df, 256 px, 9.4M params, 80.4% top-1',
         'halonet_h3': 'b=10, h=3, rv=1.0, rb=1.5, depths 3/3/12/3, df=1024, 320 px, 11.8M params, 81.9% top-1',
         'halonet_h4': (
@@ -602,9 +614,12 @@ def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
 
 
 @register_model
-def halonet_h1(pretrained: bool = False, **kwargs) -> HaloNet:
-    """HaloNet-H1 (b8 h3, rv 1, rb 1, 8.10M params, 256 px)."""
-    return _halonet('halonet_h1', pretrained, **kwargs)
+def halonet_h1(pretrained: bool = False, **kwargs) -> ByobNet:
+    """HaloNet-H1 (b8 h3, rv 1, rb 1, 8.10M params, 256 px): timm's own ByobNet `halonet_h1`, zoo metadata."""
+    from zoo.hub import build_zoo_model  # zoo.hub imports zoo.models
+    return build_zoo_model(
+        ByobNet, 'halonet_h1', pretrained, cfg=timm_byoanet_cfgs['halonet_h1'],
+        pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
 @register_model

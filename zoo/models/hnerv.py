@@ -27,6 +27,7 @@ from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import register_model
 from timm.models.convnext import ConvNeXtBlock
 
+from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_index, check_frame_size, check_positive
 from zoo.metadata import paper, zoo_cfgs
 
@@ -200,6 +201,7 @@ class HNeRVDecoder(nn.Module):
 # Model
 
 
+@takes_device_dtype
 class HNeRV(nn.Module):
     """HNeRV for one video of `num_frames` frames of `frame_size` (H, W).
 

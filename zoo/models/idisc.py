@@ -35,7 +35,7 @@ from timm.layers import ConvNormAct, Mlp
 from timm.models import register_model, resolve_pretrained_cfg
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
-from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points
+from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['IDisc']
@@ -374,6 +374,7 @@ class ISDHead(nn.Module):
 # Model
 
 
+@takes_device_dtype
 class IDisc(nn.Module):
     """iDisc: encoder -> deformable FPN -> AFP + ISD per scale -> depth (metres) or normals at input size.
 

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models.inception_resnet_v2 import InceptionResnetV2 as TimmInceptionResnetV2
 from timm.models.inception_v4 import InceptionV4 as TimmInceptionV4, Mixed3a, Mixed4a, Mixed5a
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['InceptionV4', 'InceptionResnetV2', 'InceptionResnet']
@@ -41,14 +41,17 @@ MIN_INPUT_SIZE = 75
 
 class _TimmInceptionAdditions:
     """What the zoo adds to timm's Inception classes: a gradient-checkpointing switch and input checks."""
-    grad_checkpointing = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.grad_checkpointing = False  # an instance attribute: TorchScript does not see class attributes
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return super().forward_intermediates(x, *args, **kwargs)
 
 
@@ -56,7 +59,7 @@ class InceptionV4(_TimmInceptionAdditions, TimmInceptionV4):
     """timm's Inception-v4, plus gradient checkpointing and input checks."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.features, x)
         return self.features(x)
@@ -77,7 +80,7 @@ class InceptionResnetV2(_TimmInceptionAdditions, TimmInceptionResnetV2):
     """timm's Inception-ResNet-v2 (TF-slim layout), plus gradient checkpointing and input checks."""
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return _run_layers(self, x)
 
 
@@ -184,6 +187,7 @@ class ReductionB(nn.Module):
         return torch.cat((self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)), 1)
 
 
+@takes_device_dtype
 class InceptionResnet(nn.Module):
     """An Inception-ResNet laid out as in the paper (Fig. 15), with the timm model interface.
 
@@ -332,7 +336,7 @@ class InceptionResnet(nn.Module):
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"Inception-ResNet features are NCHW, got output_fmt={output_fmt!r}")
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         take_ends = [self.feature_ends[i] for i in take_indices]
         layer_names = self.layer_names[:self.feature_ends[max_index] + 1] if stop_early else self.layer_names
@@ -363,7 +367,7 @@ class InceptionResnet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, MIN_INPUT_SIZE)
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         return _run_layers(self, x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

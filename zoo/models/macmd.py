@@ -37,7 +37,7 @@ from timm.layers import ConvNormAct, DropPath
 from timm.models import register_model
 from timm.models.pvt_v2 import checkpoint_filter_fn as _pvt_v2_filter_fn
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['MACMD', 'MACMDDecoder']
@@ -317,6 +317,7 @@ class MACMDDecoder(nn.Module):
         return [dec0, dec1, dec2]
 
 
+@takes_device_dtype
 class MACMD(nn.Module):
     """MACMD segmentation model: timm encoder, MACMD decoder, deep-supervision heads.
 

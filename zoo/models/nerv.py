@@ -19,6 +19,7 @@ import torch.nn as nn
 from timm.layers import get_act_layer
 from timm.models import register_model
 
+from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import (
     NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_index, check_frame_size, check_positive)
 from zoo.metadata import paper, zoo_cfgs
@@ -26,6 +27,7 @@ from zoo.metadata import paper, zoo_cfgs
 __all__ = ['NeRV']
 
 
+@takes_device_dtype
 class NeRV(nn.Module):
     """NeRV for one video of `num_frames` frames of `frame_size` (H, W); the input is the frame index.
 

@@ -23,6 +23,7 @@ from timm.layers import GluMlp, trunc_normal_
 from timm.models import register_model
 from timm.models.mambaout import GatedConvBlock
 
+from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock
 from zoo.metadata import zoo_cfgs
 from zoo.models.nerv import NeRV, model_args_from_official as _nerv_args_from_official, rename_official_keys
@@ -109,6 +110,7 @@ class NeRVPlusBlock(nn.Module):
         return out
 
 
+@takes_device_dtype
 class NeRVPlusPlus(NeRV):
     """NeRV++ for one video; the arguments are NeRV's (`zoo.models.nerv.NeRV`), with NeRV++'s defaults."""
 

@@ -25,13 +25,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
-    ClassifierHead, ConvNormAct, DropPath, GroupNorm1, LayerScale2d, SEModule, create_conv2d,
+    ClassifierHead, ConvNormAct, DropPath, GroupNorm1, LayerScale2d, SEModule, create_conv2d, get_device_dtype,
     trunc_normal_,
 )
 from timm.models import checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['SpaRTAN']
@@ -158,6 +158,7 @@ class SpaRTANStage(nn.Module):
         return self.blocks(x)
 
 
+@takes_device_dtype
 class SpaRTAN(nn.Module):
     """SpaRTAN classifier with the timm model interface.
 
@@ -268,7 +269,7 @@ class SpaRTAN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,

@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from timm.models import register_model, resolve_pretrained_cfg
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import zoo_cfgs
 
 __all__ = ['TimesNet', 'ReShape', 'PostFeaturePyramid']
@@ -70,6 +70,7 @@ class PostFeaturePyramid(nn.Module):
         return self.fuse(x)
 
 
+@takes_device_dtype
 class TimesNet(nn.Module):
     """×Net: timm encoder -> Re-Shape -> reversed pre-trained timm classifier (+ image mixing) -> Post FP -> head.
 

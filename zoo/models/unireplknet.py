@@ -29,11 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, trunc_normal_
+from timm.layers import (
+    DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, get_device_dtype, trunc_normal_,
+)
 from timm.models import checkpoint_seq, register_model, reparameterize_model
 from timm.models._features import feature_take_indices
 
-from zoo.layers import check_image_input
+from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 
 __all__ = ['UniRepLKNet', 'DilatedReparamConv', 'UniRepLKNetBlock']
@@ -353,6 +355,7 @@ class UniRepLKNetStage(nn.Module):
         return self.blocks(x)
 
 
+@takes_device_dtype
 class UniRepLKNet(nn.Module):
     """UniRepLKNet classifier with the timm model interface.
 
@@ -504,7 +507,7 @@ class UniRepLKNet(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
+        self.head.reset(num_classes, global_pool, **get_device_dtype(self))  # on the model's device / dtype
 
     def forward_intermediates(
             self,

@@ -1,0 +1,101 @@
+"""pytest plugin for timm's `tests/test_models.py`: import zoo, keep the (test, model) pairs about zoo models.
+
+Importing zoo here, before pytest imports timm's test module, puts the zoo's models into the
+`timm.list_models()` lists that module parametrises its tests with. Every test whose `model_name` is a zoo
+model (the zoo's own names and the timm names it takes over: convit_*, inception_v4, inception_resnet_v2,
+halonet_h1) is kept, and so are timm's unparametrised tests that build one of them.
+"""
+import fnmatch
+import os
+
+import pytest
+import timm
+
+import zoo
+
+ZOO_MODELS = set(zoo.list_models())
+
+# timm tests without a model_name parameter that build a model the zoo registers.
+NAMED_TESTS = {'test_convit_dtype_change_after_forward': 'convit_tiny'}
+
+# Tests too slow for CI on 2 CPU cores: in CI they run on the smallest variant of each family only
+# (`run.py --full` runs them on every model).
+SLOW_TESTS = {
+    'test_model_forward', 'test_model_backward', 'test_model_forward_torchscript', 'test_model_forward_features',
+    'test_model_forward_intermediates_features', 'test_model_forward_intermediates', 'test_model_forward_fx',
+    'test_model_backward_fx', 'test_model_forward_fx_torchscript', 'test_prune_intermediate_layers_contract',
+}
+SMALLEST = {
+    'convit_tiny', 'halonet_h0', 'inception_v4', 'inception_resnet_v1', 'spartan_tiny', 'unireplknet_a',
+    'idisc_resnet101', 'timesnet_convnext_tiny_convnext_tiny', 'macmd_pvt_v2_b2', 'hnerv_0_35m', 'nerv_s',
+    'nervpp_xs',
+}
+
+# (test, model pattern) -> why timm's assumption cannot hold for that model. A reviewer should agree with each.
+EXCLUDED = {
+    ('test_model_load_pretrained', '*'): 'downloads weights from the Hugging Face Hub; the suite runs offline '
+                                         "(timm's own CI skips it too)",
+    ('test_model_features_pretrained', '*'): 'downloads weights from the Hugging Face Hub; the suite runs offline',
+    ('test_model_backward', 'idisc_*'): 'builds the model with num_classes=42; a depth model has no classes',
+    ('test_model_backward_fx', 'idisc_*'): 'builds the model with num_classes=42; a depth model has no classes',
+    ('test_model_backward', 'timesnet_*'): 'reads the classes from the last axis; segmentation logits carry them '
+                                           'on axis 1 (N, classes, H, W)',
+    ('test_model_backward_fx', 'timesnet_*'): 'reads the classes from the last axis; segmentation logits carry '
+                                              'them on axis 1',
+    ('test_model_backward', 'macmd_*'): 'reads the classes from the last axis; segmentation logits carry them on '
+                                        'axis 1 (N, classes, H, W)',
+    ('test_model_backward_fx', 'macmd_*'): 'reads the classes from the last axis; segmentation logits carry them '
+                                           'on axis 1',
+    **{(test, pattern): 'feeds a random image batch; a per-video model decodes frame indices (or frames) into '
+                        'frames of the one size it was fitted to'
+       for test in ('test_model_forward', 'test_model_backward', 'test_model_forward_fx', 'test_model_backward_fx',
+                    'test_model_forward_torchscript', 'test_model_forward_fx_torchscript')
+       for pattern in ('hnerv_*', 'nerv_*', 'nervpp_*')},
+}
+
+
+# timm picks the models for these tests by the module that registered them (its FEAT_INTER_FILTERS), a list
+# of timm's own modules; the zoo's classifiers implement the same forward_intermediates API, so they join.
+BY_MODULE_TESTS = (
+    'test_model_forward_intermediates', 'test_model_forward_intermediates_features',
+    'test_prune_intermediate_layers_contract',
+)
+CLASSIFIER_FAMILIES = ['convit', 'halonet', 'inception', 'spartan', 'unireplknet']
+CLASSIFIERS = sorted(ZOO_MODELS.intersection(timm.list_models(module=CLASSIFIER_FAMILIES)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.originalname not in BY_MODULE_TESTS:
+        return
+    for marker in metafunc.definition.iter_markers('parametrize'):
+        if marker.args[0] == 'model_name':
+            marker.args[1].extend(n for n in CLASSIFIERS if n not in marker.args[1])
+
+
+def _model_name(item):
+    """The registry name an item tests (`unireplknet_a.in1k` -> `unireplknet_a`), or None."""
+    callspec = getattr(item, 'callspec', None)
+    name = callspec.params.get('model_name') if callspec is not None else NAMED_TESTS.get(item.originalname)
+    return name.split('.')[0] if isinstance(name, str) else None
+
+
+def pytest_collection_modifyitems(config, items):
+    full = os.environ.get('ZOO_TIMM_SUITE_FULL') == '1'
+    keep, drop = [], []
+    for item in items:
+        name = _model_name(item)
+        test = item.originalname
+        if name not in ZOO_MODELS or (not full and test in SLOW_TESTS and name not in SMALLEST):
+            drop.append(item)
+            continue
+        for (excluded_test, pattern), reason in EXCLUDED.items():
+            if test == excluded_test and fnmatch.fnmatch(name, pattern):
+                item.add_marker(pytest.mark.skip(reason=f'zoo exclusion: {reason}'))
+        keep.append(item)
+    config.hook.pytest_deselected(items=drop)
+    items[:] = keep
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'timeout(seconds): read by pytest-timeout where installed')
