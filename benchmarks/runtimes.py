@@ -1,8 +1,8 @@
 """Every runtime side by side in one run: eager, eager deploy, torch.compile (inductor freezing), ONNX Runtime fp32
-and ONNX Runtime int8 (dynamic quantisation), with ratios to eager and the best side as a fraction of a 1024^3
-matmul measured in the same run (at the start and at the end).
+and ONNX Runtime int8 (dynamic quantisation), with ratios to eager and each side as a fraction of the rate of a
+1024^3 fp32 matmul timed in the same rounds.
 
-Sides alternate round-robin (A, B, C, A, B, C, ...) on the same weights and input; medians are reported. The
+Sides (and the matmul) alternate round-robin (A, B, C, A, B, C, ...) on the same weights and input; medians are reported. The
 ONNX files are made by `zoo.export` (deploy form, fixed batch), so they are checked against eager before they are
 timed. Where the best side reaches less than --profile-below of the matmul rate, the eager deploy form is profiled
 and its five most expensive operators are printed: where the time goes.
@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
 from zoo import export  # noqa: E402
-from zoo.bench import count_gflops, interleaved_latencies, matmul_gflops  # noqa: E402
+from zoo.bench import count_gflops, interleaved_latencies  # noqa: E402
 
+MATMUL_N = 1024
 MODELS = ['unireplknet_a', 'unireplknet_t', 'spartan_tiny', 'convit_tiny', 'halonet_h0', 'hnerv_1_5m']
 
 
@@ -85,10 +86,13 @@ def run_model(name, args, folder):
     with torch.inference_mode():
         reference = fns['eager'](x).float()
     diffs = {side: ((call(fn).float() - reference).abs().max() / reference.abs().max()).item() for side, fn in fns.items()}
-    times = interleaved_latencies({side: (lambda fn=fn: call(fn)) for side, fn in fns.items()},
-                                  repeats=args.repeats, warmup=2)
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    sides = {side: (lambda fn=fn: call(fn)) for side, fn in fns.items()}
+    times = interleaved_latencies(dict(sides, matmul=lambda: a @ b), repeats=args.repeats, warmup=2)
+    matmul_rate = 2 * MATMUL_N ** 3 / statistics.median(times.pop('matmul')) / 1e9
     medians = {side: statistics.median(t) for side, t in times.items()}
-    return dict(model=name, input=tuple(x.shape), gflop=gflop, medians=medians, diffs=diffs, deploy=deploy, x=x)
+    return dict(model=name, input=tuple(x.shape), gflop=gflop, medians=medians, diffs=diffs, deploy=deploy, x=x,
+                matmul_rate=matmul_rate)
 
 
 def digits_check(args, folder):
@@ -142,6 +146,25 @@ def digits_check(args, folder):
           f'(batch {len(test_x)}): {speedup:.2f}x')
 
 
+def print_table(r, profile_below):
+    rate = r['matmul_rate']
+    eager = r['medians']['eager']
+    batch = r['input'][0]
+    print(f'\n{r["model"]}: {r["gflop"]:.2f} GFLOP per image; the 1024^3 fp32 matmul, timed in the same rounds, '
+          f'{rate:.0f} GFLOP/s; load average {os.getloadavg()[0]:.1f}')
+    print(f'| {r["model"]} {tuple(r["input"])} | images/s | vs eager | GFLOP/s | of matmul | max abs diff / scale |')
+    print('|---|---:|---:|---:|---:|---:|')
+    for side, t in r['medians'].items():
+        achieved = r['gflop'] * batch / t
+        print(f'| {side} | {batch / t:.2f} | {eager / t:.2f}x | {achieved:.1f} | {achieved / rate:.0%} | '
+              f'{r["diffs"][side]:.1e} |')
+    fraction = r['gflop'] * batch / min(r['medians'].values()) / rate
+    if fraction < profile_below:
+        top = ', '.join(f'{k} {v:.0%}' for k, v in profile(r['deploy'], r['x']))
+        print(f'best at {fraction:.0%} of the matmul rate; eager deploy profile (self CPU time): {top}')
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='*', default=MODELS)
@@ -154,28 +177,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'load average before: {os.getloadavg()}; {args.threads} threads; torch {torch.__version__}')
-    rate_start = matmul_gflops()
     with tempfile.TemporaryDirectory() as folder:
-        results = [run_model(name, args, folder) for name in args.models]
-        rate_end = matmul_gflops()
-        rate = statistics.mean([rate_start, rate_end])
-        print(f'matmul 1024^3 fp32: {rate_start:.0f} GFLOP/s at the start, {rate_end:.0f} at the end (mean {rate:.0f})')
-        for r in results:
-            eager = r['medians']['eager']
-            batch = r['input'][0]
-            print(f'\n| {r["model"]} {tuple(r["input"])} | images/s | vs eager | GFLOP/s | of matmul | max abs diff / scale |')
-            print('|---|---:|---:|---:|---:|---:|')
-            for side, t in r['medians'].items():
-                achieved = r['gflop'] * batch / t
-                print(f'| {side} | {batch / t:.2f} | {eager / t:.2f}x | {achieved:.1f} | {achieved / rate:.0%} | '
-                      f'{r["diffs"][side]:.1e} |')
-            best = min(r['medians'].values())
-            fraction = r['gflop'] * batch / best / rate
-            if fraction < args.profile_below:
-                top = ', '.join(f'{k} {v:.0%}' for k, v in profile(r['deploy'], r['x']))
-                print(f'best at {fraction:.0%} of the matmul rate; eager deploy profile (self CPU time): {top}')
         if args.digits:
             digits_check(args, folder)
+        for name in args.models:
+            print_table(run_model(name, args, folder), args.profile_below)
     print(f'\nload average after: {os.getloadavg()}')
 
 

@@ -23,7 +23,7 @@ TINY = {
     'unireplknet_a': (dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_sizes=((3,), (13,), (13,), (13,))), 64),
     'spartan_tiny': (dict(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)), 64),
     'halonet_h0': (dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem_chs=16, num_heads=2, pad_to_block=True), 64),
-    'convit_tiny': (dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, local_up_to_layer=1), 32),
+    'convit_tiny': (dict(img_size=32, patch_size=8, embed_dim=16, depth=2, local_up_to_layer=1), 32),  # 4 heads x 16
     'inception_resnet_v1': (dict(depths=(1, 1, 1)), 80),
     'idisc_resnet101': (dict(encoder='resnet18', hidden_dim=16, latent_dim=8, num_latents=4), (48, 64)),
     'timesnet_convnext_tiny_convnext_tiny': (dict(encoder='test_convnext', decoder='test_convnext'), 64),
