@@ -82,7 +82,8 @@ def trainer_seconds(model_name: str, size: int, batch: int, steps: int) -> float
 def bare_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = zoo.create_model(model_name, **_model_args(model_name, size)).train()
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')  # where Accelerate puts the trainer's
+    model = zoo.create_model(model_name, **_model_args(model_name, size)).train().to(device)
     recipe = _recipe(model_name, size, batch, steps)
     dataset, _, _ = datasets(recipe, model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
@@ -90,11 +91,14 @@ def bare_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=1, step_on_epochs=False,
                                        updates_per_epoch=len(loader))
     for step, (images, labels) in enumerate(loader, 1):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step_update(step)
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 

@@ -1,5 +1,5 @@
 """The `zoo` command: list, info, predict, convert, push, card, compress, decode, reproduce, bench, validate,
-explain."""
+explain, export."""
 import argparse
 import json
 import os
@@ -330,6 +330,20 @@ def _cmd_explain(args) -> None:
                   f'{values["bias"][k]:.4g} (bias share {share:.1%})')
 
 
+def _cmd_export(args) -> None:
+    from zoo import export
+
+    source = Path(args.name)
+    model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
+    size = tuple(args.size * 2 if len(args.size) == 1 else args.size) if args.size else None
+    result = export.export(model, args.out, format=args.format, deploy=args.deploy, dynamic_batch=args.dynamic_batch,
+                           int8=args.int8, opset=args.opset, size=size)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(export.summary(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description=__doc__)
     parser.add_argument('--version', action='version', version=f'zoo {zoo.__version__}')
@@ -438,7 +452,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--bitstream', type=Path, help='keep the bitstream at this path (default: a temporary file)')
     p.set_defaults(func=_cmd_validate)
 
-
     p = sub.add_parser('explain', help='pictures of what a model sees: feature maps, attention, Grad-CAM, '
                                        'integrated gradients, activation maximisation, linear interpreter')
     p.add_argument('name', help='model name[.tag], or a Hub folder written by save_pretrained')
@@ -454,6 +467,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--random', action='store_true', help='random weights (no download), to try the pipeline')
     p.add_argument('--out', '-o', type=Path, default=Path('explain'), help='folder for the pictures (default explain/)')
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser('export', help='ONNX / ExportedProgram / TorchScript file, checked against the eager model')
+    p.add_argument('name', help='model name[.tag] (pretrained weights unless --random), or a Hub folder')
+    p.add_argument('--format', default='onnx', choices=['onnx', 'exported-program', 'torchscript'])
+    p.add_argument('--out', '-o', type=Path, required=True, help='file to write; its data config goes to OUT.json')
+    p.add_argument('--deploy', action='store_true', help='re-parameterise first (timm reparameterize_model)')
+    p.add_argument('--dynamic-batch', action='store_true', help='any batch size (checked at batch 1 and 3)')
+    p.add_argument('--int8', action='store_true', help='also write OUT.int8.onnx: onnxruntime dynamic quantisation')
+    p.add_argument('--opset', type=int, help='ONNX opset (default: torch.onnx\'s)')
+    p.add_argument('--size', type=int, nargs='+', metavar='PX', help='input H [W] (default: the model\'s input size)')
+    p.add_argument('--random', action='store_true', help='random weights (no download)')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_export)
 
     for action in sub._choices_actions:  # `zoo CMD --help` opens with the line `zoo --help` shows for CMD
         command = sub.choices[action.dest]
