@@ -30,30 +30,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
 from zoo import trainer  # noqa: E402
+from zoo.tasks.base import Task  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 
 NUM_CLASSES = 10
 
 
-# A task for zoo.trainer over in-memory random images (the trainer imports tasks by module name).
+class SyntheticTask(Task):
+    """A task for zoo.trainer over in-memory random images, evaluated by nothing (the step time is measured)."""
+    data_schema = dict(size=(int,), samples=(int,))
+    separate_eval_split = False
 
-def datasets(recipe, model, data=None, output_dir=None):
-    size = recipe['data']['size']
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(recipe['data']['samples'], 3, size, size, generator=generator)
-    labels = torch.randint(0, NUM_CLASSES, (len(images),), generator=generator)
-    dataset = torch.utils.data.TensorDataset(images, labels)
-    return dataset, torch.utils.data.Subset(dataset, range(recipe['train']['batch_size'])), None
+    def datasets(self, recipe, model, data=None, output_dir=None):
+        size = recipe['data']['size']
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(recipe['data']['samples'], 3, size, size, generator=generator)
+        labels = torch.randint(0, NUM_CLASSES, (len(images),), generator=generator)
+        dataset = torch.utils.data.TensorDataset(images, labels)
+        return dataset, torch.utils.data.Subset(dataset, range(recipe['train']['batch_size'])), None
 
+    def make_loss(self, recipe, model):
+        return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
 
-def make_loss(recipe, model):
-    return lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])
-
-
-@torch.no_grad()
-def evaluate(recipe, model, eval_set, accelerator):
-    return {}
+    def evaluate(self, recipe, model, eval_set, accelerator):
+        return {'loss': 0.0}
 
 
 def _model_args(model_name: str, size: int) -> dict:
@@ -64,11 +65,12 @@ def _model_args(model_name: str, size: int) -> dict:
 
 
 def _recipe(model_name: str, size: int, batch: int, steps: int):
-    trainer.TASKS['synthetic'] = __name__
+    trainer.TASKS['synthetic'] = SyntheticTask()
     return trainer.check_recipe(dict(
         model=model_name, model_args=_model_args(model_name, size), task='synthetic',
         data=dict(size=size, samples=batch * steps),
-        train=dict(epochs=1, batch_size=batch, opt='adamw', lr=1e-3, weight_decay=0.05, log_every=10**9)))
+        train=dict(epochs=1, batch_size=batch, opt='adamw', lr=1e-3, weight_decay=0.05, log_every=10**9,
+                   eval_every=0)))
 
 
 def trainer_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
@@ -85,7 +87,7 @@ def bare_seconds(model_name: str, size: int, batch: int, steps: int) -> float:
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')  # where Accelerate puts the trainer's
     model = zoo.create_model(model_name, **_model_args(model_name, size)).train().to(device)
     recipe = _recipe(model_name, size, batch, steps)
-    dataset, _, _ = datasets(recipe, model)
+    dataset, _, _ = SyntheticTask().datasets(recipe, model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True)
     optimizer = create_optimizer_v2(model, opt='adamw', lr=1e-3, weight_decay=0.05)
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=1, step_on_epochs=False,

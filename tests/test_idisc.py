@@ -186,7 +186,7 @@ def test_pretrained_tag_converts_the_official_file_on_load(monkeypatch):
 
     def fake_read(cfg, sha256=None, cache_dir=None):
         requested.append(cfg['url'])
-        return state_dict
+        return {'state_dict': state_dict, 'file': 'nyu_resnet101.pt', 'source': cfg['url'], 'file_sha256': '0' * 64}
 
     monkeypatch.setattr(hub, 'read_official_weights', fake_read)
     model = timm.create_model('zoo/idisc_resnet101.nyu', pretrained=True, encoder='resnet50', **head_args).eval()

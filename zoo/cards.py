@@ -270,8 +270,8 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
         lines.append(f'- **Recipe:** `{meta["recipe"]}`')
     if cfg.get('origin_url'):
         lines.append(f'- **Original code:** {cfg["origin_url"]}')
-    label_names = config.get('label_names') or cfg.get('label_names')
-    if label_names and folder:
+    label_names = (config.get('label_names') or cfg.get('label_names')) if folder else None
+    if label_names:
         lines.append(f'- **Classes:** {", ".join(map(str, label_names))}')
     lines += ['', '## Weights', '']
     lines += _weights_lines(provenance, cfg, held, config.get('weights_sha256') if folder else None)

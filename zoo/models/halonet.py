@@ -543,7 +543,7 @@ _H7_NOTE = (
 
 # Params (M) and GMACs at each model's image size, and the paper's ImageNet-1k top-1 (%) from its model table.
 _META = {
-    'halonet_h0': (5.5, 2.31, 77.9), 'halonet_h1': (8.1, 2.94, 79.9), 'halonet_h2': (9.4, 3.26, 80.4),
+    'halonet_h0': (5.5, 2.31, 77.9), 'halonet_h1': (8.1, 2.99, 79.9), 'halonet_h2': (9.4, 3.26, 80.4),
     'halonet_h3': (11.84, 6.08, 81.9), 'halonet_h4': (19.1, 11.86, 83.3), 'halonet_h5': (30.72, 31.96, 84.0),
     'halonet_h6': (43.46, 52.45, 84.4), 'halonet_h7': (67.43, 110.16, 84.9),
 }
