@@ -7,12 +7,12 @@ ONNX files are made by `zoo.export` (deploy form, fixed batch), so they are chec
 timed. Where the best side reaches less than --profile-below of the matmul rate, the eager deploy form is profiled
 and its five most expensive operators are printed: where the time goes.
 
-`--digits` adds the int8 accuracy check on real data: a small UniRepLKNet (in_chans=1, 10 classes) trained for a
-few epochs on scikit-learn's digits (8x8 images upsampled to 32x32; 1437 train / 360 test, split seed 0), then
-its test accuracy eager, in ONNX Runtime fp32 and in ONNX Runtime int8, and the int8 speed-up on that model.
+`--digits FOLDER` adds the int8 accuracy check on real data: the model that `training/recipes/spartan_tiny_digits.yaml`
+trained (its Hub folder), on that recipe's 450 test digits (`--digits-data`, written by `training/digits.py`):
+top-1 eager, in ONNX Runtime fp32 and in ONNX Runtime int8, and the int8 speed-up on that model.
 
     python benchmarks/runtimes.py --threads 2 --repeats 7
-    python benchmarks/runtimes.py --models unireplknet_a --digits
+    python benchmarks/runtimes.py --models unireplknet_a --digits runs/digits/model --digits-data data/digits
 """
 import argparse
 import os
@@ -21,8 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import timm
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -95,51 +95,32 @@ def run_model(name, args, folder):
 
 
 def digits_check(args, folder):
-    """Accuracy of eager, ORT fp32 and ORT int8 on the digits test split, and the int8 speed-up."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = F.interpolate(images, size=(32, 32), mode='bilinear', align_corners=False)
-    images = (images - 0.5) / 0.5
-    labels = torch.tensor(digits.target)
-    train_idx, test_idx = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=digits.target)
-    torch.manual_seed(0)
-    model = zoo.create_model('unireplknet_a', in_chans=1, num_classes=10, drop_path_rate=0.)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
-    train_x, train_y = images[train_idx], labels[train_idx]
-    model.train()
-    for _ in range(args.digits_epochs):
-        order = torch.randperm(len(train_x))
-        for i in range(0, len(order), 64):
-            batch = order[i:i + 64]
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    test_x, test_y = images[test_idx], labels[test_idx]
+    """Top-1 of the digits recipe's model (its Hub folder) on the recipe's 450 test digits, eager, in ONNX Runtime
+    fp32 and int8, and the int8 speed-up over fp32 on that batch."""
+    model = zoo.hub.load(args.digits).eval()
+    config = timm.data.resolve_model_data_config(model)
+    test_set = timm.data.ImageDataset(str(Path(args.digits_data) / 'validation'),
+                                      transform=timm.data.create_transform(**config))
+    test_x = torch.stack([x for x, _ in test_set])
+    test_y = torch.tensor([y for _, y in test_set])
     path = Path(folder) / 'digits.onnx'
-    export.export(model, path, format='onnx', deploy=True, batch=len(test_x), size=(32, 32))
+    export.export(model, path, format='onnx', batch=len(test_x), size=tuple(config['input_size'][1:]))
     int8_path = path.with_name('digits.int8.onnx')
     int8_path.write_bytes(export.quantize_int8(path))
-    with torch.inference_mode():
-        eager = model(test_x)
-    runs = {'eager': lambda: model(test_x), 'onnxruntime fp32': ort_runner(path, args.threads),
+    runs = {'eager': export.exportable(model), 'onnxruntime fp32': ort_runner(path, args.threads),
             'onnxruntime int8': ort_runner(int8_path, args.threads)}
-    outputs = {'eager': eager, 'onnxruntime fp32': runs['onnxruntime fp32'](test_x),
-               'onnxruntime int8': runs['onnxruntime int8'](test_x)}
-    accuracy = {k: (v.argmax(-1) == test_y).float().mean().item() for k, v in outputs.items()}
+    with torch.inference_mode():
+        outputs = {side: run(test_x) for side, run in runs.items()}
+    accuracy = {side: (v.argmax(-1) == test_y).float().mean().item() for side, v in outputs.items()}
     fp32_fn, int8_fn = runs['onnxruntime fp32'], runs['onnxruntime int8']
     times = interleaved_latencies({'fp32': lambda: fp32_fn(test_x), 'int8': lambda: int8_fn(test_x)},
                                   repeats=args.repeats, warmup=2)
     speedup = statistics.median(times['fp32']) / statistics.median(times['int8'])
-    print(f'\ndigits (scikit-learn load_digits, 32x32, {len(train_idx)} train / {len(test_idx)} test, '
-          f'{args.digits_epochs} epochs, unireplknet_a in_chans=1):')
-    for k, v in accuracy.items():
-        print(f'  {k:18s} top-1 {100 * v:.2f}%')
-    agree = (outputs['onnxruntime int8'].argmax(-1) == eager.argmax(-1)).float().mean().item()
+    print(f'\ndigits: {args.digits} ({model.pretrained_cfg.get("architecture")}, input {tuple(test_x.shape)}) on '
+          f'{len(test_x)} test images of {args.digits_data}; load average {os.getloadavg()[0]:.1f}')
+    for side, value in accuracy.items():
+        print(f'  {side:18s} top-1 {100 * value:.2f}%')
+    agree = (outputs['onnxruntime int8'].argmax(-1) == outputs['eager'].argmax(-1)).float().mean().item()
     print(f'  int8 vs eager: accuracy change {100 * (accuracy["onnxruntime int8"] - accuracy["eager"]):+.2f} points, '
           f'same top-1 on {100 * agree:.1f}% of the test images; int8 speed-up over onnxruntime fp32 '
           f'(batch {len(test_x)}): {speedup:.2f}x')
@@ -171,8 +152,9 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--profile-below', type=float, default=0.7)
-    parser.add_argument('--digits', action='store_true', help='int8 accuracy on scikit-learn digits')
-    parser.add_argument('--digits-epochs', type=int, default=6)
+    parser.add_argument('--digits', metavar='FOLDER',
+                        help="the digits recipe's Hub folder (runs/digits/model): int8 accuracy on its test split")
+    parser.add_argument('--digits-data', default='data/digits', help='the folder training/digits.py wrote')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f'load average before: {os.getloadavg()}; {args.threads} threads; torch {torch.__version__}')

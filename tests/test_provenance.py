@@ -128,6 +128,7 @@ def test_fine_tuned_model_says_from_what(tmp_path, monkeypatch, no_network):
     assert f"**Fine-tuned** from the authors' checkpoint `{path.name}` from `{path}`, sha256" in card
     (result,) = config['results']
     assert result['metrics'] == {'top1': 0.5, 'loss': 1.25} and result['weights_sha256'] == config['weights_sha256']
+    assert result['dataset'] == '/data/pets' and result['split'] == 'validation'  # the recipe's eval split
     (index,) = ModelCard(card).data.eval_results[:1]  # the Hub's own parser reads the model-index block
     assert index.metric_type == 'top1' and index.metric_value == 0.5 and index.dataset_name == '/data/pets'
     namespace = run_usage(folder, monkeypatch)
@@ -157,6 +158,8 @@ def test_demo_fit_card_feeds_frames_of_the_fitted_size(tmp_path, monkeypatch):
     folder = tmp_path / 'run' / 'model'
     config, card = read(folder)
     assert config['provenance']['kind'] == 'zoo-trained'
+    (result,) = config['results']
+    assert result['split'] == 'the fitted frames' and result['protocol']['checkpoint'].startswith('last, step ')
     assert config['pretrained_cfg']['input_size'] == [3, 48, 96]
     assert 'No weights are published' not in card and 'untrained' not in card and '**Trained by the zoo**' in card
     assert '640, 1280' not in card and 'torch.rand(2, 3, 48, 96)' in card

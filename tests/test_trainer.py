@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import zoo
-from zoo import hub, trainer
+from zoo import cli, hub, trainer
 from zoo.hub import load as load_from_hub  # the `hub` fixture shadows the module in tests that use it
 
 REPO = Path(__file__).resolve().parent.parent
@@ -436,7 +436,7 @@ def test_epoch_schedule_holds_the_lr_through_each_epoch_and_resumes_exactly(
         assert _max_diff(_weights(tmp_path / 'whole'), _weights(run)) == 0
 
 
-def test_the_digits_recipe_learns_real_handwriting(tmp_path):
+def test_the_digits_recipe_learns_real_handwriting(tmp_path, capsys):
     """The digits recipe, shortened to 4 epochs (84 optimizer steps): far above the 10% of chance on the 450
     held-out scans, a level a loop that does not learn (wrong labels, no optimizer step, a frozen lr)
     cannot reach. The full recipe's figures are in docs/benchmarks.md."""
@@ -449,3 +449,8 @@ def test_the_digits_recipe_learns_real_handwriting(tmp_path):
         'train.epochs=4', 'train.warmup_epochs=1', 'train.eval_every=0', f'data.cache_dir={tmp_path / "cache"}'])
     metrics = trainer.train(recipe, tmp_path / 'run', data=str(data), quiet=True)
     assert metrics['top1'] >= 80.0, metrics
+    folder = tmp_path / 'run' / 'model'
+    assert json.loads((folder / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 32, 32]
+    capsys.readouterr()
+    code = cli.main(['validate', str(folder), '--data', str(data), '--workers', '0'])  # at the size it was trained
+    assert code == 0 and json.loads(capsys.readouterr().out)['metrics']['top1'] == pytest.approx(metrics['top1'])

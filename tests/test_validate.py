@@ -67,9 +67,10 @@ def _ranked_logits(labels):
 
 def test_classification_top1_top5_results_file_and_card(tmp_path, capsys, monkeypatch):
     data, labels = _class_folders(tmp_path / 'data')
-    folder = hub.save_pretrained(
-        zoo.create_model('spartan_tiny', num_classes=6, pretrained_cfg_overlay=dict(input_size=(3, 32, 32))),
-        tmp_path / 'model')
+    model = zoo.create_model('spartan_tiny', num_classes=6, pretrained_cfg_overlay=dict(input_size=(3, 32, 32)))
+    trained = {'kind': 'zoo-trained', 'recipe': {'source': 'a test recipe'}, 'data': str(data),
+               'metrics': {'top1': 41.0}}
+    folder = hub.save_pretrained(hub.record_weights(model, trained), tmp_path / 'model')  # a trainer's folder
     table = _ranked_logits(labels)
 
     def forward(self, x):
@@ -97,7 +98,8 @@ def test_classification_top1_top5_results_file_and_card(tmp_path, capsys, monkey
     assert set(entry) == set(validation.RESULT_KEYS)
     assert entry['metrics']['top5'] == pytest.approx(250 / 3) and entry['dataset'] == str(data)
     card = (folder / 'README.md').read_text()
-    assert '## Measured results' in card and 'top1 50.0000' in card and card.startswith('---')
+    assert card.startswith('---') and '## Training' in card and 'a test recipe' in card  # the card stays whole
+    assert '## Results' in card and '| measured | classification |' in card and 'top1 50, top5 83.33' in card
     assert zoo.hub.load(folder).num_classes == 6  # the folder still loads
 
     other = dict(result, weights_sha256='0' * 64)

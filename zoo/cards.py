@@ -302,14 +302,19 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
     return '\n'.join(lines)
 
 
-def write_folder_card(directory: Union[str, Path]) -> Path:
-    """Re-render a Hub folder's README.md from its config.json (after its `results` changed, say)."""
+def folder_card(directory: Union[str, Path], config: Optional[Dict] = None) -> str:
+    """The README.md of a Hub folder, rendered from `config` (default: the folder's config.json)."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = config if config is not None else json.loads((directory / CONFIG_NAME).read_text())
     with torch.device('meta'):
         model = timm.create_model(f'local-dir:{directory}', pretrained=False)
-    card = model_card(model, config=config).encode()
-    return write_atomically(directory / CARD_NAME, lambda f: f.write(card))
+    return model_card(model, config=config)
+
+
+def write_folder_card(directory: Union[str, Path]) -> Path:
+    """Re-render a Hub folder's README.md from its config.json (after its `results` changed, say)."""
+    card = folder_card(directory).encode()
+    return write_atomically(Path(directory) / CARD_NAME, lambda f: f.write(card))
 
 
 def card_for_name(model_name: str) -> str:

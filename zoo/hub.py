@@ -458,11 +458,20 @@ def weights_record(model: nn.Module, weights_sha256: str, training: Optional[Dic
 def training_result(training: Dict[str, Any], weights_sha256: str) -> Dict[str, Any]:
     """The final evaluation of `training/train.py` as a `results` entry (the agreed config.json schema)."""
     recipe = training.get('recipe') or {}
+    spec = recipe.get('data') or {}
     metrics = {k: v for k, v in (training.get('metrics') or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    data = training.get('data')
+    dataset = data if isinstance(data, str) else (
+        spec.get('dataset') or spec.get('data_dir') or spec.get('path') or json.dumps(spec, sort_keys=True))
+    # a video model is fitted to its frames and measured on the same frames
+    split = spec.get('eval_split') or ('the fitted frames' if recipe.get('task') == 'video' else 'eval')
+    protocol = {'evaluation': "the recipe's own, during training"}
+    checkpoint = training.get('checkpoint')
+    if checkpoint:
+        protocol['checkpoint'] = f'{checkpoint.get("kind")}, step {checkpoint.get("step")}: {checkpoint.get("reason")}'
     return {
-        'task': recipe.get('task'), 'dataset': str(training.get('data')), 'split': 'eval',
-        'metrics': metrics, 'protocol': {'evaluation': "the recipe's own, at the end of training"},
+        'task': recipe.get('task'), 'dataset': dataset, 'split': split, 'metrics': metrics, 'protocol': protocol,
         'weights_sha256': weights_sha256, 'date': datetime.date.today().isoformat(),
         'command': 'accelerate launch training/train.py --recipe training_recipe.yaml',
     }

@@ -339,29 +339,6 @@ def write_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
     return hub.write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def _results_section(results) -> str:
-    """Card section for measured results (the provenance branch renders these as model-index; this is interim)."""
-    lines = ['## Measured results', '', 'Measured with `zoo validate`; each row is one run.', '',
-             '| task | dataset | split | metrics | protocol | date |', '|---|---|---|---|---|---|']
-    for r in results:
-        metrics = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in r['metrics'].items())
-        protocol = json.dumps({k: v for k, v in r['protocol'].items() if k != 'split'}, separators=(', ', ': '))
-        split = r['split'] or '-'
-        lines.append(f'| {r["task"]} | `{r["dataset"]}` | {split} | {metrics} | `{protocol}` | {r["date"]} |')
-    return '\n'.join(lines) + '\n'
-
-
-def _render_card(folder: Path, config: Dict[str, Any]) -> str:
-    """The folder's README.md: the card `save_pretrained` writes, plus its training section and the results."""
-    with torch.device('meta'):
-        model = timm.create_model(f'local-dir:{folder}', pretrained=False)
-    card = cards.model_card(model)
-    training = folder / hub.TRAINING_NAME
-    if training.is_file():
-        card += cards.training_section(json.loads(training.read_text()))
-    return card + '\n' + _results_section(config['results'])
-
-
 def check_card_folder(folder: Union[str, Path], weights_sha256: Optional[str]) -> None:
     """Refuse a card update unless `folder` is a Hub folder whose model.safetensors has `weights_sha256`."""
     folder = Path(folder)
@@ -384,7 +361,7 @@ def update_card(folder: Union[str, Path], result: Dict[str, Any]) -> Path:
     config_path = folder / hub.CONFIG_NAME
     config = json.loads(config_path.read_text())
     config.setdefault('results', []).append({k: result.get(k) for k in RESULT_KEYS})
-    card = _render_card(folder, config)
+    card = cards.folder_card(folder, config)  # rendered before anything is written: a failure changes nothing
     hub.write_atomically(config_path, lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
     hub.write_atomically(folder / hub.CARD_NAME, lambda f: f.write(card.encode()))
     return folder

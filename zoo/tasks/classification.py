@@ -71,7 +71,13 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
     aug = {k: v for k, v in (recipe.get('aug') or {}).items() if k not in _MIX_KEYS}
     train_transform = create_transform(**{**data_config, **aug}, is_training=True)
     eval_config = {k: v for k, v in aug.items() if k in ('interpolation', 'crop_pct', 'crop_mode')}
-    eval_transform = create_transform(**{**data_config, **eval_config}, is_training=False)
+    eval_data_config = {**data_config, **eval_config}
+    eval_transform = create_transform(**eval_data_config, is_training=False)
+    # The Hub folder says how the weights were evaluated, so `zoo validate`, `zoo predict` and the card feed them
+    # the same size and preprocessing (a recipe's `input_size` would otherwise be lost with the run).
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if not (spec.get('input_size') and k.startswith('test_'))}
+    model.pretrained_cfg = dict(cfg, **{k: eval_data_config[k] for k in ('input_size', 'interpolation', 'crop_pct',
+                                                                         'crop_mode')})
 
     seed = recipe['train']['seed']
     train_set = SeededAugmentation(splits[train_split], train_transform, seed, image_key, label_key)
