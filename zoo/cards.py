@@ -21,8 +21,10 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from zoo.hub import CARD_NAME, CONFIG_NAME, OFFICIAL_SOURCE, holds_tagged_weights, write_atomically
+from zoo._io import write_atomically
+from zoo.hub import CARD_NAME, holds_tagged_weights
 from zoo.metadata import weights_meta
+from zoo.models._builder import CONFIG_NAME, OFFICIAL_SOURCE
 from zoo.registry import check_model_name, is_zoo_model
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'model_cards'

@@ -481,7 +481,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HaloNet) ->
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     return build_zoo_model(
         HaloNet,
         variant,
@@ -616,7 +616,7 @@ def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
 @register_model
 def halonet_h1(pretrained: bool = False, **kwargs) -> ByobNet:
     """HaloNet-H1 (b8 h3, rv 1, rb 1, 8.10M params, 256 px): timm's own ByobNet `halonet_h1`, zoo metadata."""
-    from zoo.hub import build_zoo_model  # zoo.hub imports zoo.models
+    from zoo.models._builder import build_zoo_model  # zoo.hub imports zoo.models
     return build_zoo_model(
         ByobNet, 'halonet_h1', pretrained, cfg=timm_byoanet_cfgs['halonet_h1'],
         pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(flatten_sequential=True), **kwargs)

@@ -353,7 +353,7 @@ class HNeRV(nn.Module):
 
     def load_decoder_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load `decoder_state_dict()`-keyed tensors, all of them or nothing."""
-        from zoo.hub import load_state_dict_strict
+        from zoo.models._builder import load_state_dict_strict
         stray = [k for k in state_dict if not k.startswith('decoder.')]
         if stray:
             raise ValueError(f'a decoder state dict holds only decoder.* keys; got {", ".join(stray[:3])}')
@@ -461,7 +461,7 @@ def load_quantized_release(
     Weights and embeddings are dequantized as min + scale * quant; the encoder is not part of the release.
     """
     import timm
-    from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
+    from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint
     path = None
     if not isinstance(checkpoint, dict):
         path, checkpoint = checkpoint, read_checkpoint(checkpoint)
@@ -540,7 +540,7 @@ def create_from_official(**official_kwargs) -> HNeRV:
 
 
 def _create_hnerv(variant: str, pretrained: bool = False, **kwargs) -> HNeRV:
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     model = build_zoo_model(
         HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)

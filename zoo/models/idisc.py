@@ -620,7 +620,7 @@ def rename_official_key(key: str, resnet: bool = False) -> Optional[str]:
 
 def _create_idisc(variant: str, pretrained: bool = False, **kwargs) -> IDisc:
     """Build `variant` with the settings of its pretrained tag (NYU, KITTI, NYU normals); kwargs win."""
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
 
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))

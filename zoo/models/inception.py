@@ -397,7 +397,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(model_cls: Callable, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     feature_cfg = dict(flatten_sequential=True) if model_cls is InceptionV4 else dict()
     return build_zoo_model(
         model_cls,

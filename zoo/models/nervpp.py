@@ -195,7 +195,7 @@ def create_from_official(**official_kwargs) -> NeRVPlusPlus:
 
 
 def _create_nervpp(variant: str, pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     model = build_zoo_model(
         NeRVPlusPlus, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)

@@ -424,7 +424,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SpaRTAN) ->
 
 
 def _create_spartan(variant: str, pretrained: bool = False, **kwargs) -> SpaRTAN:
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     return build_zoo_model(
         SpaRTAN,
         variant,

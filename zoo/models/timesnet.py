@@ -201,7 +201,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TimesNet) -
 def _create_timesnet(variant: str, pretrained: bool = False, **kwargs) -> TimesNet:
     """`pretrained=True` loads ×Net weights when the cfg names some (a Hub repo, a file); no one has published
     any, so otherwise it starts the encoder and the decoder from their ImageNet classifiers."""
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     own_weights = any(getattr(cfg, k, None) for k in ('hf_hub_id', 'url', 'file', 'state_dict'))

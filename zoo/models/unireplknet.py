@@ -719,7 +719,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: UniRepLKNet
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """Build a variant. Official weights are in training form: with `deploy=True` they are loaded into the
     training form, which is then re-parameterised."""
-    from zoo.hub import build_zoo_model
+    from zoo.models._builder import build_zoo_model
     deploy = kwargs.pop('deploy', False)
     model = build_zoo_model(
         UniRepLKNet,

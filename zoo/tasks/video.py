@@ -35,7 +35,7 @@ from pytorch_msssim import ssim as _ssim
 
 from zoo._namespace import registry_name
 from zoo.errors import BitstreamError, InputError
-from zoo.hub import replace_file, write_atomically
+from zoo._io import replace_file, write_atomically
 from zoo.tasks import rgb_array
 
 __all__ = [
