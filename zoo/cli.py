@@ -18,12 +18,11 @@ from tqdm import tqdm
 import zoo
 from zoo import cards, hub
 from zoo._io import check_output_dir
-from zoo._namespace import registry_name
 from zoo.errors import InputError, UnknownModelError, ZooError
 from zoo.metadata import weights_meta
 from zoo.models import FAMILIES
 from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint, require_published_weights
-from zoo.registry import check_model_name
+from zoo.registry import check_model_name, registry_name
 from zoo.tasks import DENSE_STRIDE, padded_size
 
 

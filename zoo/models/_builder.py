@@ -24,9 +24,8 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import download_cached_file, hf_split
 
-from zoo._namespace import registry_name
 from zoo.errors import CheckpointError, WeightsUnavailableError
-from zoo.registry import check_model_args, check_model_name
+from zoo.registry import check_model_args, check_model_name, registry_name
 
 # `pretrained_cfg.source` of weights published by a paper's authors in their own layout, converted on load.
 OFFICIAL_SOURCE = 'official'
