@@ -174,7 +174,7 @@ def test_folder_card_rerenders_from_config_with_measured_results(tmp_path):
         'command': 'zoo validate'})
     config['results'].append(dict(config['results'][0], weights_sha256='0' * 64, metrics={'top1': 0.99}))
     (folder / 'config.json').write_text(json.dumps(config))
-    zoo.cards.write_folder_card(folder)
+    hub.write_folder_card(folder)
     card = (folder / 'README.md').read_text()
     assert card != before and 'model-index:' in card and 'value: 0.25' in card
     assert '0.99' not in card  # a result for other weights is not shown

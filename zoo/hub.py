@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import timm
+import torch
 import torch.nn as nn
 import yaml
 from huggingface_hub import HfApi
 from timm.models import save_for_hf
 
-from zoo._io import write_folder
+from zoo import cards
+from zoo._io import write_atomically, write_folder
 from zoo.errors import CheckpointError
 from zoo.models._builder import (
-    CONFIG_NAME, RECORD_ATTR, WEIGHTS_NAME, folder_file, load_state_dict_strict, read_folder_config,
-    read_folder_weights, record_weights, sha256_file, weights_fingerprint)
+    CONFIG_NAME, RECORD_ATTR, WEIGHTS_NAME, folder_file, holds_tagged_weights, load_state_dict_strict,
+    read_folder_config, read_folder_weights, record_weights, sha256_file, weights_fingerprint)
 from zoo.registry import check_model_name
 
 CARD_NAME = 'README.md'
@@ -113,12 +115,6 @@ def training_result(training: Dict[str, Any], weights_sha256: str) -> Dict[str, 
     }
 
 
-def holds_tagged_weights(provenance: Dict[str, Any], tag: Optional[str]) -> bool:
-    """True when the weights are exactly the published ones of `tag` (official or timm's, classifier included)."""
-    return (bool(tag) and provenance.get('kind') in ('official', 'timm') and provenance.get('tag') == tag
-            and 'classifier' not in provenance)
-
-
 def _drop_claims_not_held(config: Dict[str, Any]) -> None:
     """A folder keeps the pretrained tag, description and notes only when it holds those weights."""
     pretrained_cfg = config.get('pretrained_cfg', {})
@@ -136,8 +132,6 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
     of an earlier save that this one does not write (a training.json, a recipe) are gone, files the zoo did not
     write stay, and an interrupted save leaves the old folder as it was.
     """
-    from zoo.cards import model_card  # zoo.cards imports this module
-
     def write(staging: Path) -> None:
         # Class names at the top level, where transformers' TimmWrapperConfig reads them (timm moves them back
         # into the pretrained cfg on load).
@@ -149,10 +143,20 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
             record = dict(training, weights_sha256=config['weights_sha256'])
             (staging / TRAINING_NAME).write_text(json.dumps(record, indent=2, default=str) + '\n')
             (staging / RECIPE_NAME).write_text(yaml.safe_dump(record['recipe'], sort_keys=False))
-        (staging / CARD_NAME).write_text(model_card(model, config=config))
+        (staging / CARD_NAME).write_text(cards.model_card(model, config=config))
 
     write_folder(directory, write, owned=ZOO_FILES)
     return Path(directory)
+
+
+def write_folder_card(directory: Union[str, Path]) -> Path:
+    """Re-render a Hub folder's README.md from its config.json (after its `results` changed, say)."""
+    directory = Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    with torch.device('meta'):
+        model = timm.create_model(f'local-dir:{directory}', pretrained=False)
+    card = cards.model_card(model, config=config).encode()
+    return write_atomically(directory / CARD_NAME, lambda f: f.write(card))
 
 
 def push_folder(

@@ -314,6 +314,12 @@ def mark_official(model: nn.Module, path: Optional[Union[str, Path]] = None,
     return record_weights(model, provenance)
 
 
+def holds_tagged_weights(provenance: Dict[str, Any], tag: Optional[str]) -> bool:
+    """True when the weights are exactly the published ones of `tag` (official or timm's, classifier included)."""
+    return (bool(tag) and provenance.get('kind') in ('official', 'timm') and provenance.get('tag') == tag
+            and 'classifier' not in provenance)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading Hub folders
 
