@@ -281,6 +281,16 @@ def build_zoo_model(
     return model
 
 
+def build_video_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool = False,
+                      **kwargs) -> nn.Module:
+    """`build_zoo_model` for a per-video representation (HNeRV, NeRV, NeRV++): it takes no num_classes,
+    global_pool or in_chans, and its pretrained cfg's input size is the frame size it was built for."""
+    model = build_zoo_model(
+        model_cls, variant, pretrained, kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
+    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What the weights are: provenance and fingerprint
 

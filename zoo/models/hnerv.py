@@ -32,7 +32,7 @@ from timm.models.convnext import ConvNeXtBlock
 from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_index, check_frame_size, check_positive
 from zoo.metadata import paper, zoo_cfgs
-from zoo.models._builder import build_zoo_model, load_state_dict_strict, mark_official, read_checkpoint
+from zoo.models._builder import build_video_model, load_state_dict_strict, mark_official, read_checkpoint
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
 
@@ -537,11 +537,8 @@ def create_from_official(**official_kwargs) -> HNeRV:
 
 
 def _create_hnerv(variant: str, pretrained: bool = False, **kwargs) -> HNeRV:
-    model = build_zoo_model(
-        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256,
-        kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
-    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
-    return model
+    return build_video_model(
+        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
