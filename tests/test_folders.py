@@ -1,6 +1,7 @@
 """A Hub folder changes all at once or not at all: `zoo.hub.save_pretrained` killed after any single file
 operation leaves the old folder or the new one, never a mix; the next save cleans up what a killed one left.
 """
+import os
 import shutil
 import sys
 import threading
@@ -9,7 +10,8 @@ import pytest
 import timm
 import torch
 
-from zoo import hub
+from zoo import _io, hub
+from zoo._io import SAVE_PREFIX
 from zoo.errors import InputError
 
 # Every event Python raises for an operation that changes the file system (plus ctypes calls: the one-step
@@ -89,14 +91,14 @@ def test_a_save_killed_after_any_file_operation_leaves_the_old_folder_or_the_new
             shutil.copytree(pristine, folder)
     assert kills > 10  # the hook saw the save's operations
     assert _snapshot(folder) == new
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(hub.SAVE_PREFIX)] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(SAVE_PREFIX)] == []
 
 
 def test_the_next_save_removes_leftovers_of_killed_saves_only(tmp_path):
     folder = tmp_path / 'model'
     legacy = tmp_path / '.zoo-save-k3j4h2'  # an older zoo's name: no process recorded
     legacy.mkdir()
-    other_host = tmp_path / f'{hub.SAVE_PREFIX}123.another-host.example.abc'
+    other_host = tmp_path / f'{SAVE_PREFIX}123.another-host.example.abc'
     other_host.mkdir()
     hub.save_pretrained(_model(0), folder)
     assert not legacy.exists()
@@ -111,3 +113,19 @@ def test_save_pretrained_refuses_a_file_as_folder(tmp_path, where):
     with pytest.raises(InputError, match='which is a file' if where == 'under_file' else 'is a file'):
         hub.save_pretrained(_model(0), out)
     assert target.read_text() == 'keep me'
+
+
+def test_file_modes_follow_the_umask_without_ever_setting_it(tmp_path, monkeypatch):
+    """`os.umask` reads the umask only by setting it: a file another thread made meanwhile would be world-writable."""
+    set_umask = os.umask
+    previous = set_umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError(f'the process umask was set to {mask:o}')
+
+        monkeypatch.setattr(os, 'umask', refuse)
+        assert _io._umask() == _io._probe_umask() == 0o027
+        _io.write_atomically(tmp_path / 'f.bin', lambda f: f.write(b'x'))
+        assert (tmp_path / 'f.bin').stat().st_mode & 0o777 == 0o640
+    finally:
+        set_umask(previous)

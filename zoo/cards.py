@@ -9,7 +9,6 @@ its input size). `model_cards/<name.tag>.md` holds one card per pretrained cfg o
 weights, and the `untrained` cfgs of models no one has published weights for); a test keeps them in sync.
 """
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -21,8 +20,8 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from zoo.hub import CARD_NAME, CONFIG_NAME, OFFICIAL_SOURCE, holds_tagged_weights, write_atomically
 from zoo.metadata import weights_meta
+from zoo.models._builder import OFFICIAL_SOURCE, holds_tagged_weights
 from zoo.registry import check_model_name, is_zoo_model
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
@@ -32,8 +31,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one input, counted on the meta device.
+def count_gmacs(model: nn.Module, input_size: Tuple[int, ...]) -> float:
+    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one input of `input_size` (no batch dimension),
+    counted in eval mode on a meta-device copy. The one counter of the zoo: cards, `zoo info` and `zoo bench`.
 
     Models whose input is not one image (a frame index, say) define `example_inputs(device)`, returning
     the keyword arguments of one forward call.
@@ -41,13 +41,14 @@ def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
     meta_model = copy.deepcopy(model).to('meta').eval()
     if hasattr(meta_model, 'fast_decode'):  # the model's MACs, not the banded decode's (it recomputes halo rows)
         meta_model.fast_decode = False
+    args, kwargs = (), {}
     if hasattr(meta_model, 'example_inputs'):
-        inputs = meta_model.example_inputs(device='meta')
+        kwargs = meta_model.example_inputs(device='meta')
     else:
-        inputs = dict(x=torch.empty((1, *input_size), device='meta'))
+        args = (torch.empty((1, *input_size), device='meta'),)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta_model(**inputs)
+        meta_model(*args, **kwargs)
     return counter.get_total_flops() / 2e9
 
 
@@ -300,21 +301,6 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
     if info.get('limitations'):
         lines += ['## Limitations', '', info['limitations'], '']
     return '\n'.join(lines)
-
-
-def folder_card(directory: Union[str, Path], config: Optional[Dict] = None) -> str:
-    """The README.md of a Hub folder, rendered from `config` (default: the folder's config.json)."""
-    directory = Path(directory)
-    config = config if config is not None else json.loads((directory / CONFIG_NAME).read_text())
-    with torch.device('meta'):
-        model = timm.create_model(f'local-dir:{directory}', pretrained=False)
-    return model_card(model, config=config)
-
-
-def write_folder_card(directory: Union[str, Path]) -> Path:
-    """Re-render a Hub folder's README.md from its config.json (after its `results` changed, say)."""
-    card = folder_card(directory).encode()
-    return write_atomically(Path(directory) / CARD_NAME, lambda f: f.write(card))
 
 
 def card_for_name(model_name: str) -> str:

@@ -37,8 +37,10 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 import zoo
-from zoo import cards, hub, trainer
+from zoo import hub, trainer
+from zoo._io import write_atomically
 from zoo.errors import InputError
+from zoo.models._builder import download_official_weights, sha256_file
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
 from zoo.tasks.video import compress, decode_video, ms_ssim, psnr
@@ -90,15 +92,15 @@ def load_model(name: str) -> Tuple[nn.Module, str]:
     (`hf-hub:ID`), or a zoo `name.tag` with published weights."""
     if name.startswith('local-dir:') or Path(name).is_dir():
         folder = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
-        return hub.load(folder), hub.sha256_file(folder / hub.WEIGHTS_NAME)
+        return hub.load(folder), sha256_file(folder / hub.WEIGHTS_NAME)
     if name.startswith('hf-hub:'):
         repo_id = name[len('hf-hub:'):]
         model = hub.load(repo_id)
-        return model, hub.sha256_file(hf_hub_download(repo_id, hub.WEIGHTS_NAME))
+        return model, sha256_file(hf_hub_download(repo_id, hub.WEIGHTS_NAME))
     model = zoo.create_model(name, pretrained=True).eval()
     cfg = model.pretrained_cfg
-    weights = cfg.get('file') or hub.download_official_weights(cfg)  # already in the cache: the file just loaded
-    return model, hub.sha256_file(weights)
+    weights = cfg.get('file') or download_official_weights(cfg)  # already in the cache: the file just loaded
+    return model, sha256_file(weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def write_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
         writer.writeheader()
         writer.writerows(rows + [new])
         text = buffer.getvalue()
-    return hub.write_atomically(path, lambda f: f.write(text.encode()))
+    return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def check_card_folder(folder: Union[str, Path], weights_sha256: Optional[str]) -> None:
@@ -345,7 +347,7 @@ def check_card_folder(folder: Union[str, Path], weights_sha256: Optional[str]) -
     for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f'{folder} is not a zoo Hub folder: {name} is missing')
-    actual = hub.sha256_file(folder / hub.WEIGHTS_NAME)
+    actual = sha256_file(folder / hub.WEIGHTS_NAME)
     if weights_sha256 != actual:
         raise InputError(f'the result is of weights with sha256 {weights_sha256}, but {folder / hub.WEIGHTS_NAME} '
                          f'has sha256 {actual}: a card records only what was measured on its own weights')
@@ -361,7 +363,7 @@ def update_card(folder: Union[str, Path], result: Dict[str, Any]) -> Path:
     config_path = folder / hub.CONFIG_NAME
     config = json.loads(config_path.read_text())
     config.setdefault('results', []).append({k: result.get(k) for k in RESULT_KEYS})
-    card = cards.folder_card(folder, config)  # rendered before anything is written: a failure changes nothing
-    hub.write_atomically(config_path, lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
-    hub.write_atomically(folder / hub.CARD_NAME, lambda f: f.write(card.encode()))
+    card = hub.folder_card(folder, config)  # rendered before anything is written: a failure changes nothing
+    write_atomically(config_path, lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+    write_atomically(folder / hub.CARD_NAME, lambda f: f.write(card.encode()))
     return folder

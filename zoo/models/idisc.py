@@ -33,10 +33,12 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, Mlp
 from timm.models import register_model, resolve_pretrained_cfg
+from timm.models._input import update_model_args
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['IDisc']
 
@@ -620,14 +622,13 @@ def rename_official_key(key: str, resnet: bool = False) -> Optional[str]:
 
 def _create_idisc(variant: str, pretrained: bool = False, **kwargs) -> IDisc:
     """Build `variant` with the settings of its pretrained tag (NYU, KITTI, NYU normals); kwargs win."""
-    from zoo.hub import build_zoo_model
 
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     setting_args = SETTINGS.get(cfg.tag, SETTINGS['nyu'])
     model = build_zoo_model(
         IDisc, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**setting_args, **kwargs})
-    model._model_args = dict(setting_args)  # exported to config.json, so a saved KITTI model reloads as one
+    update_model_args(model, **setting_args)  # written to config.json, so a saved KITTI model reloads as one
     return model
 
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo._namespace import registry_name
+from zoo._io import replace_file, write_atomically
 from zoo.errors import BitstreamError, InputError
-from zoo.hub import replace_file, write_atomically
+from zoo.registry import registry_name
 from zoo.tasks import rgb_array
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import InputError
-from zoo.hub import write_atomically
+from zoo._io import write_atomically
 from zoo.tasks import figure, fresh, save_figure
 from zoo.tasks.base import Task, eval_loader
 from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
