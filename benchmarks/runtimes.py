@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from zoo import export  # noqa: E402
+from zoo import export, hub  # noqa: E402
 from zoo.bench import interleaved_latencies  # noqa: E402
 from zoo.cards import count_gmacs  # noqa: E402
 
@@ -98,7 +98,7 @@ def run_model(name, args, folder):
 def digits_check(args, folder):
     """Top-1 of the digits recipe's model (its Hub folder) on the recipe's 450 test digits, eager, in ONNX Runtime
     fp32 and int8, and the int8 speed-up over fp32 on that batch."""
-    model = zoo.hub.load(args.digits).eval()
+    model = hub.load(args.digits).eval()
     config = timm.data.resolve_model_data_config(model)
     test_set = timm.data.ImageDataset(str(Path(args.digits_data) / 'validation'),
                                       transform=timm.data.create_transform(**config))
