@@ -61,12 +61,7 @@ def test_timm_checkpoint_loads_strictly_with_timm_outputs(name, tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('name', [
-    'convit_tiny', 'inception_v4', 'halonet_h1',
-    pytest.param('inception_resnet_v2', marks=pytest.mark.xfail(strict=True, reason=(
-        "not yet: the zoo's InceptionResnetV2.forward_features passes the module to a helper, which TorchScript "
-        'cannot compile'))),
-])
+@pytest.mark.parametrize('name', ['convit_tiny', 'inception_v4', 'halonet_h1', 'inception_resnet_v2'])
 def test_torchscript_and_fx_features(name):
     """convit_small / convit_base share convit_tiny's code; the other names are checked one by one."""
     model = timm.create_model(name).eval()

@@ -31,10 +31,15 @@ def timm_tests(version: str = timm.__version__) -> Path:
         return root
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-        subprocess.run(
+        pip = subprocess.run(
             [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-binary', ':all:', '--no-deps',
-             f'timm=={version}', '--dest', tmp], check=True)
-        sdist, = Path(tmp).glob('timm-*.tar.gz')
+             f'timm=={version}', '--dest', tmp])
+        sdists = list(Path(tmp).glob('timm-*.tar.gz'))
+        if pip.returncode or len(sdists) != 1:
+            raise SystemExit(
+                f'run.py: pip could not download the source distribution of timm {version} (pip exit code '
+                f'{pip.returncode}), which holds the tests to run; check the connection to PyPI')
+        sdist, = sdists
         staging = Path(tmp) / 'extracted'
         with tarfile.open(sdist) as tar:
             top = f'timm-{version}/'
@@ -43,6 +48,8 @@ def timm_tests(version: str = timm.__version__) -> Path:
                 if member.isfile() and name in WANTED:  # four known regular files, nothing else
                     (staging / name).parent.mkdir(parents=True, exist_ok=True)
                     (staging / name).write_bytes(tar.extractfile(member).read())
+        if not (staging / 'tests' / 'test_models.py').is_file():
+            raise SystemExit(f'run.py: the timm {version} source distribution has no tests/test_models.py')
         staging.rename(root)  # atomic: a half-extracted folder never looks complete
     return root
 

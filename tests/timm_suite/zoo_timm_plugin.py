@@ -82,12 +82,13 @@ def _model_name(item):
 
 def pytest_collection_modifyitems(config, items):
     full = os.environ.get('ZOO_TIMM_SUITE_FULL') == '1'
-    keep, drop = [], []
+    keep, drop, slow = [], [], 0
     for item in items:
         name = _model_name(item)
         test = item.originalname
         if name not in ZOO_MODELS or (not full and test in SLOW_TESTS and name not in SMALLEST):
             drop.append(item)
+            slow += name in ZOO_MODELS
             continue
         for (excluded_test, pattern), reason in EXCLUDED.items():
             if test == excluded_test and fnmatch.fnmatch(name, pattern):
@@ -95,6 +96,20 @@ def pytest_collection_modifyitems(config, items):
         keep.append(item)
     config.hook.pytest_deselected(items=drop)
     items[:] = keep
+    config.zoo_slow_deselected = slow
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line of (test, model) pair counts: ran, passed, failed, left out by EXCLUDED, skipped by timm's
+    own size limits, and (without --full) the slow tests' pairs on models other than the smallest per family."""
+    stats = terminalreporter.stats
+    skipped = stats.get('skipped', [])
+    excluded = sum('zoo exclusion:' in str(report.longrepr) for report in skipped)
+    passed, failed = len(stats.get('passed', [])), len(stats.get('failed', [])) + len(stats.get('error', []))
+    terminalreporter.write_line(
+        f'zoo: {passed + failed} (test, model) pairs ran: {passed} passed, {failed} failed; {excluded} excluded '
+        f'(EXCLUDED), {len(skipped) - excluded} skipped by timm, '
+        f'{getattr(config, "zoo_slow_deselected", 0)} deselected (slow tests beyond the smallest model per family)')
 
 
 def pytest_configure(config):

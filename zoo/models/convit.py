@@ -88,10 +88,13 @@ class ConVit(timm_convit.ConVit):
             intermediates_only: Return only the intermediate features.
         """
         if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"ConViT features are 'NCHW' or 'NLC', got output_fmt={output_fmt!r}")
+            raise ValueError(f"ConViT features are 'NCHW' or 'NLC', got output_fmt='{output_fmt}'")
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
+        if torch.jit.is_scripting() or not stop_early:  # an if statement: TorchScript cannot slice modules
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[:max_index + 1]
         B, _, height, width = x.shape
         x = self._embed(x)
         intermediates = []

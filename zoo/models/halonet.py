@@ -425,7 +425,7 @@ class HaloNet(nn.Module):
             intermediates_only: Return only the intermediate features.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"HaloNet features are NCHW, got output_fmt={output_fmt!r}")
+            raise ValueError(f"HaloNet features are NCHW, got output_fmt='{output_fmt}'")
         self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]

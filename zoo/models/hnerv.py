@@ -293,6 +293,7 @@ class HNeRV(nn.Module):
         self.fc_dim = fc_dim
         widths = decoder_widths(fc_dim, len(dec_strides), reduce, lower_width)
         self.num_classes, self.num_features = 0, widths[-1]  # timm's Hub export reads both
+        self.head_hidden_size = widths[-1]  # the width the RGB head takes, as timm names it
         self.fast_decode = True
         self.decoder = HNeRVDecoder(
             self.embed_shape[0], fc_dim, fc_hw, dec_strides, widths, decoder_kernels(len(dec_strides), kernel_sizes),

@@ -434,7 +434,7 @@ class IDisc(nn.Module):
         self.output_dim = output_dim
         self.task = 'depth' if output_dim == 1 else 'normals'
         self.num_classes = 0
-        self.num_features = hidden_dim
+        self.num_features = self.head_hidden_size = hidden_dim  # the width the ISD heads predict from
         if encoder is None:
             if encoder_channels is None or len(encoder_channels) != 4:
                 raise ValueError('without an encoder, give the widths of its four maps as encoder_channels')

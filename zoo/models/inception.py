@@ -67,22 +67,29 @@ class InceptionV4(_TimmInceptionAdditions, TimmInceptionV4):
 
 
 def _run_layers(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run `model.layer_names` in order, checkpointing the block repeats when enabled."""
+    """Run `model.layer_names` in order, checkpointing the block repeats (eager only: TorchScript cannot
+    compile a module argument or `getattr` by a variable name)."""
     for name in model.layer_names:
         layer = getattr(model, name)
-        if model.grad_checkpointing and isinstance(layer, nn.Sequential) and not torch.jit.is_scripting():
-            x = checkpoint_seq(layer, x)
-        else:
-            x = layer(x)
+        x = checkpoint_seq(layer, x) if isinstance(layer, nn.Sequential) else layer(x)
     return x
 
 
 class InceptionResnetV2(_TimmInceptionAdditions, TimmInceptionResnetV2):
     """timm's Inception-ResNet-v2 (TF-slim layout), plus gradient checkpointing and input checks."""
 
+    def _forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's forward_features: `layer_names` written out, as TorchScript needs them (literal names only)."""
+        x = self.maxpool_3a(self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x))))
+        x = self.mixed_5b(self.maxpool_5a(self.conv2d_4a(self.conv2d_3b(x))))
+        x = self.mixed_7a(self.repeat_1(self.mixed_6a(self.repeat(x))))
+        return self.conv2d_7b(self.block8(self.repeat_2(x)))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
-        return _run_layers(self, x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return _run_layers(self, x)
+        return self._forward_layers(x)
 
 
 class BlockA(nn.Module):
@@ -336,7 +343,7 @@ class InceptionResnet(nn.Module):
             intermediates_only: Return only the intermediate features.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"Inception-ResNet features are NCHW, got output_fmt={output_fmt!r}")
+            raise ValueError(f"Inception-ResNet features are NCHW, got output_fmt='{output_fmt}'")
         check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
         take_indices, max_index = feature_take_indices(len(self.feature_ends), indices)
         take_ends = [self.feature_ends[i] for i in take_indices]
@@ -367,9 +374,20 @@ class InceptionResnet(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
+    def _forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """`layer_names` written out, as TorchScript needs them (it takes module names as literals only)."""
+        x = self.conv2d_2b(self.conv2d_2a(self.conv2d_1a(x)))
+        if hasattr(self, 'mixed_3a'):  # the Inception-v4 stem (Fig. 3); TorchScript resolves hasattr statically
+            x = self.mixed_5a(self.mixed_4a(self.mixed_3a(x)))
+        else:  # the Inception-ResNet-v1 stem (Fig. 14)
+            x = self.conv2d_4b(self.conv2d_4a(self.conv2d_3b(self.maxpool_3a(x))))
+        return self.repeat_2(self.mixed_7a(self.repeat_1(self.mixed_6a(self.repeat(x)))))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
-        return _run_layers(self, x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return _run_layers(self, x)
+        return self._forward_layers(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)

@@ -356,7 +356,8 @@ class MACMD(nn.Module):
             encoder, pretrained=pretrained_encoder, num_classes=0, drop_path_rate=drop_path_rate)
         embed_dims = [info['num_chs'] for info in self.encoder.feature_info][-4:]
         self.decoder = MACMDDecoder(embed_dims)
-        self.num_features = 32  # channels of the main head's input (timm's name; config.json records it)
+        # channels of the main head's input (timm's names; config.json records num_features)
+        self.num_features = self.head_hidden_size = 32
         self.head = nn.Conv2d(self.num_features, num_classes, 1)
         self.aux_heads = nn.ModuleList([nn.Conv2d(c, num_classes, 1) for c in embed_dims[:2]])  # strides 4, 8
 

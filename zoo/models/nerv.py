@@ -90,6 +90,7 @@ class NeRV(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.heads = nn.ModuleDict(heads)
         self.num_classes, self.num_features = 0, width  # timm's Hub export reads both
+        self.head_hidden_size = width  # the width the RGB head takes, as timm names it
         self.fast_decode = True
 
     @staticmethod

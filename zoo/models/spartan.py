@@ -292,7 +292,7 @@ class SpaRTAN(nn.Module):
             intermediates_only: Return only the intermediate features.
         """
         if output_fmt != 'NCHW':
-            raise ValueError(f"SpaRTAN features are NCHW, got output_fmt={output_fmt!r}")
+            raise ValueError(f"SpaRTAN features are NCHW, got output_fmt='{output_fmt}'")
         check_image_input(x, self.in_chans, self.min_input_size)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]

@@ -146,7 +146,7 @@ class TimesNet(nn.Module):
         self.reshapes = nn.ModuleList(
             [ReShape(dec_chs[i + 1], dec_chs[i], scale=2) for i in range(len(dec_chs) - 1)]
             + [ReShape(enc_chs, dec_chs[-1], scale=1)])
-        self.num_features = pyramid_dim or dec_chs[0]
+        self.num_features = self.head_hidden_size = pyramid_dim or dec_chs[0]  # the 1x1 head's input width
         self.post_pyramid = PostFeaturePyramid(dec_chs, self.num_features)
         self.head = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
         self.reduction = _REDUCTIONS[-1]
