@@ -152,17 +152,25 @@ class HaloAttention(nn.Module):
         kv = kv.reshape(B * nh, self.dim_head_qk + self.dim_head_v, nbh * nbw, -1).permute(0, 2, 3, 1)
         k, v = kv.split([self.dim_head_qk, self.dim_head_v], dim=-1)
 
-        blocks = nbh * nbw
-        chunk = blocks if torch.is_grad_enabled() else max(
-            1, _INFERENCE_CHUNK_ELEMENTS // (B * nh * bq * bq * self.win_size * self.win_size))
-        if chunk >= blocks:
-            out = self._attend(q, k, v)
+        if torch.jit.is_scripting():
+            out = self._attend(q, k, v)  # TorchScript attends over all blocks at once
         else:
-            out = torch.cat([self._attend(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk])
-                             for i in range(0, blocks, chunk)], dim=1)
+            out = self._attend_in_chunks(q, k, v)
         out = out.reshape(B, nh, nbh, nbw, bq, bq, self.dim_head_v).permute(0, 1, 6, 2, 4, 3, 5)
         out = out.reshape(B, nh * self.dim_head_v, nbh * bq, nbw * bq)
         return out[:, :, :Hq, :Wq]
+
+    def _attend_in_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Inference attends over chunks of blocks, so a large image's peak memory stays bounded; training and FX
+        tracing attend over all blocks at once."""
+        blocks = q.shape[1]
+        if torch.is_grad_enabled() or isinstance(q, torch.fx.Proxy):
+            return self._attend(q, k, v)
+        chunk = max(1, _INFERENCE_CHUNK_ELEMENTS // (q.shape[0] * q.shape[2] * q.shape[3] * k.shape[2]))
+        if chunk >= blocks:
+            return self._attend(q, k, v)
+        return torch.cat([self._attend(q[:, i:i + chunk], k[:, i:i + chunk], v[:, i:i + chunk])
+                          for i in range(0, blocks, chunk)], dim=1)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Query blocks q (B * nh, n, bq, bq, dim_head_qk) over their windows k, v (B * nh, n, win * win, dim_head)."""
