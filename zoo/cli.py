@@ -201,21 +201,22 @@ _LOW_VIDEO_PSNR = 15
 
 
 def _cmd_compress(args) -> None:
+    from zoo import codec
     from zoo.tasks import video
 
-    video.check_bitstream_path(args.out)
+    codec.check_bitstream_path(args.out)
     if not Path(args.model).is_dir():
-        name = video.check_video_model(check_model_name(args.model))
+        name = codec.check_video_model(check_model_name(args.model))
         if not timm.models.get_pretrained_cfg(registry_name(args.model)).has_weights:
             raise InputError(
                 f'{args.model} has no published weights: a video model represents the one video it was fitted to. Fit '
                 f'it first (accelerate launch training/train.py --recipe training/recipes/{name}_bunny.yaml --data '
                 'FRAMES) and give zoo compress the Hub folder it saves (runs/<recipe>/model)')
     model = _load_model(args, args.model)
-    video.check_video_model(model)
+    codec.check_video_model(model)
     _say(args, f'reading {args.frames}, then compressing and decoding to measure it')
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
-    result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
+    result = codec.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
     if result['psnr'] < _LOW_VIDEO_PSNR:
         print(f'zoo compress: warning: PSNR {result["psnr"]:.1f} dB is far below what a video model gives on the '
               f'video it was fitted to (over {_LOW_VIDEO_PSNR} dB). Are these its frames? A video model decodes '
@@ -230,11 +231,12 @@ def _cmd_compress(args) -> None:
 
 
 def _cmd_decode(args) -> None:
+    from zoo import codec
     from zoo.tasks import video
 
     video.check_frames_path(args.out)  # before decoding, which can take minutes
     _say(args, f'decoding {args.bitstream}')
-    frames = video.decode_video(args.bitstream)
+    frames = codec.decode_video(args.bitstream)
     out = video.write_frames(frames, args.out, fps=args.fps)
     print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
 

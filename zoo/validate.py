@@ -10,7 +10,7 @@ datasets, transforms and crops as training), and scored by the task's metrics:
   pixels of a batch, RMSE, RMSE log and SIlog per image, batches weighted by their image count.
 * segmentation: mIoU and mean Dice from a bincount confusion matrix over the dataset (classes neither
   predicted nor labelled left out), HD95 (pixels) per image and class where both masks hold the class.
-* video: the model is written as a real bitstream (`zoo.tasks.video.compress`), decoded back, and scored
+* video: the model is written as a real bitstream (`zoo.codec.compress`), decoded back, and scored
   per frame (PSNR, MS-SSIM for frames over 160 px); bpp is the bitstream's bytes * 8 / (T * H * W).
 
 Every run gives one result: the model, its tag and weights sha256, the data, the protocol, the metrics and
@@ -38,10 +38,11 @@ from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub, trainer
+from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
-from zoo.tasks.video import compress, decode_video, ms_ssim, psnr
+from zoo.tasks.video import ms_ssim, psnr
 
 __all__ = [
     'validate', 'check_card_folder', 'depth_protocol', 'load_model', 'model_task', 'update_card', 'write_results']

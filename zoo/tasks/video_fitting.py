@@ -21,11 +21,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.hub import write_atomically
 from zoo.tasks import figure, fresh, save_figure
 from zoo.tasks.base import Task, eval_loader
-from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
+from zoo.tasks.video import fitting_loss, ms_ssim, psnr, read_frames, write_frames
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
 DATA_SCHEMA = dict(path=(str, type(None)), demo_clip=(dict,), max_frames=(int, type(None)), inpaint_box=(int,))
