@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import zoo
-from zoo import hub, trainer
+from zoo import hub
+from zoo.train import trainer
 from zoo.hub import load as load_from_hub  # the `hub` fixture shadows the module in tests that use it
 
 REPO = Path(__file__).resolve().parent.parent

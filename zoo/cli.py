@@ -244,7 +244,7 @@ def _cmd_decode(args) -> None:
 def _cmd_reproduce(args) -> None:
     from huggingface_hub import snapshot_download
 
-    from zoo import trainer
+    from zoo.train import trainer  # optional extra: train (accelerate), only for this command
 
     source = Path(args.source)
     if not source.is_dir():

@@ -1,6 +1,6 @@
 """`zoo validate`: timm's validate.py for every zoo task, through the task code the trainer uses.
 
-The evaluation split is read by the trainer's own task modules (`zoo.trainer.TASKS`: the same folders, Hub
+The evaluation split is read by the trainer's own task modules (`zoo.train.trainer.TASKS`: the same folders, Hub
 datasets, transforms and crops as training), and scored by the task's metrics:
 
 * classification: top-1 / top-5 accuracy (%), timm's `accuracy`.
@@ -37,12 +37,13 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 import zoo
-from zoo import cards, hub, trainer
+from zoo import cards, hub
 from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
 from zoo.tasks.video import ms_ssim, psnr
+from zoo.train import trainer
 
 __all__ = [
     'validate', 'check_card_folder', 'depth_protocol', 'load_model', 'model_task', 'update_card', 'write_results']

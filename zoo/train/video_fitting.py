@@ -1,4 +1,4 @@
-"""Fitting a neural video representation (HNeRV, NeRV, NeRV++) to one video, for `zoo.trainer`.
+"""Fitting a neural video representation (HNeRV, NeRV, NeRV++) to one video, for `zoo.train.trainer`.
 
 The data is the video itself: `--data` or the recipe's `data.path` names a folder of frames or a video file,
 resized to `model_args.frame_size` when the recipe sets one. `data.demo_clip` instead makes a clip from one of
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.hub import write_atomically
-from zoo.tasks import figure, fresh, save_figure
-from zoo.tasks.base import Task, eval_loader
+from zoo.tasks import figure, save_figure
 from zoo.tasks.video import fitting_loss, ms_ssim, psnr, read_frames, write_frames
+from zoo.train import fresh
+from zoo.train.task import Task, eval_loader
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
 DATA_SCHEMA = dict(path=(str, type(None)), demo_clip=(dict,), max_frames=(int, type(None)), inpaint_box=(int,))

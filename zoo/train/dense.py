@@ -1,4 +1,4 @@
-"""Depth and segmentation training for `zoo.trainer`: paired image / target data, the losses, the metrics.
+"""Depth and segmentation training for `zoo.train.trainer`: paired image / target data, the losses, the metrics.
 
 Data is a folder of pairs, matched by file stem:
 
@@ -26,9 +26,9 @@ from PIL import Image
 from timm.data import resolve_model_data_config
 
 from zoo.errors import InputError
-from zoo.tasks.base import Task, eval_loader
 from zoo.tasks.depth import EVAL_SETTINGS, SILogLoss, depth_metrics, eval_mask, kitti_benchmark_crop
 from zoo.tasks.segmentation import IGNORE_INDEX, CeDiceLoss, per_channel
+from zoo.train.task import Task, eval_loader
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 DATA_SCHEMA = dict(
