@@ -224,7 +224,8 @@ def _cmd_compress(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    ms_ssim = 'n/a (frames of 160 px or less)' if result['ms_ssim'] is None else f'{result["ms_ssim"]:.4f}'
+    ms_ssim = f'{result["ms_ssim"]:.4f}' if result['ms_ssim'] is not None else \
+        f'n/a (frames of {video.MS_SSIM_MIN_SIZE} px or less)'
     height, width = result['frame_size']
     print(f'wrote {result["path"]} ({result["model"]}, {result["frames"]} frames of {height}x{width})')
     print(f'  bytes: {result["bytes"]}  bpp: {result["bpp"]:.4f}  PSNR: {result["psnr"]:.2f} dB  MS-SSIM: {ms_ssim}')

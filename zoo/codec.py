@@ -27,7 +27,7 @@ import torch.nn as nn
 from zoo._namespace import registry_name
 from zoo.errors import BitstreamError, InputError
 from zoo.hub import write_atomically
-from zoo.tasks.video import _check_parents, ms_ssim, psnr
+from zoo.tasks.video import _check_parents, has_ms_ssim, ms_ssim, psnr
 
 __all__ = [
     'compress', 'decompress', 'decode_video', 'BitstreamError', 'check_video_model', 'check_bitstream_path',
@@ -494,8 +494,9 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     The model itself is left untouched: pruning (fraction `prune` of the decoder weights, by global magnitude;
     fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns the file size in
     bytes (total and per section), bits per pixel (file bits / (T * H * W)), and, when `frames` are given, the
-    per-frame-mean PSNR and MS-SSIM of the video decoded from the written file (MS-SSIM is None for frames of
-    160 px or less). A model the decoder's limits refuse (the `MAX_*` constants) is refused here, before writing.
+    per-frame-mean PSNR and MS-SSIM of the video decoded from the written file (MS-SSIM is None for frames too
+    small for it: `has_ms_ssim`). A model the decoder's limits refuse (the `MAX_*` constants) is refused here,
+    before writing.
     """
     path = check_bitstream_path(path)
     name = check_video_model(model)
@@ -561,7 +562,7 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
         for i, decoded in enumerate(_decode_batches(decoded_model, embeddings, batch_size)):
             decoded, target = decoded.cpu(), frames[i * batch_size:i * batch_size + len(decoded)].float().cpu()
             scores.append(psnr(decoded, target))
-            if min(height, width) > 160:
+            if has_ms_ssim(target):
                 structure.append(ms_ssim(decoded, target))
         result['psnr'] = torch.cat(scores).mean().item()
         result['ms_ssim'] = torch.cat(structure).mean().item() if structure else None

@@ -83,3 +83,20 @@ def rgb_image(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         return Image.fromarray(np.round(rgb_array(image) * 255).astype(np.uint8))
     return image.convert('RGB')
+
+
+def per_channel(values, channels: int) -> torch.Tensor:
+    """A cfg mean / std for `channels` channels (one value is repeated, others averaged down to one)."""
+    values = torch.tensor(values, dtype=torch.float32).reshape(-1)
+    if values.numel() != channels:
+        values = values.mean().expand(channels)
+    return values
+
+
+def image_to_input(image: Image.Image, mean, std, in_chans: int = 3) -> torch.Tensor:
+    """A PIL image as a model input (C, H, W) at its own size: RGB (grey for `in_chans=1`) scaled to [0, 1], then
+    normalised with the cfg's `mean` and `std` (see `per_channel`). The one conversion `zoo predict`'s dense
+    pictures and the dense training data share."""
+    pixels = np.asarray(image.convert('L' if in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
+    x = torch.from_numpy(pixels).reshape(image.height, image.width, in_chans).permute(2, 0, 1)
+    return (x - per_channel(mean, in_chans).view(-1, 1, 1)) / per_channel(std, in_chans).view(-1, 1, 1)

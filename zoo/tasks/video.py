@@ -23,13 +23,14 @@ from zoo.hub import replace_file
 from zoo.tasks import rgb_array
 
 __all__ = [
-    'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'fitting_loss', 'interpolate_embeddings',
+    'read_frames', 'write_frames', 'psnr', 'ssim', 'ms_ssim', 'has_ms_ssim', 'fitting_loss', 'interpolate_embeddings',
     'check_frames_path',
 ]
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 VIDEO_FORMATS = {'.mp4': 'mp4', '.mkv': 'matroska', '.mov': 'mov'}  # all written as H.264
 FRAME_NAME = re.compile(r'frame_\d{5,}\.png')
+MS_SSIM_MIN_SIZE = 160  # MS-SSIM's five scales of an 11-tap window need frames larger than this on each side
 PathLike = Union[str, Path]
 
 
@@ -231,12 +232,17 @@ def ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _ssim(pred.float(), target.float(), data_range=1, size_average=False)
 
 
+def has_ms_ssim(frames: torch.Tensor) -> bool:
+    """Whether frames (..., H, W) are large enough for MS-SSIM: both sides over `MS_SSIM_MIN_SIZE`."""
+    return min(frames.shape[-2:]) > MS_SSIM_MIN_SIZE
+
+
 def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-frame MS-SSIM (five scales, the standard weights, data range 1)."""
-    if min(pred.shape[-2:]) <= 160:
+    if not has_ms_ssim(pred):
         raise ValueError(
-            f'MS-SSIM needs frames larger than 160 px on the smaller side (five scales of an 11-tap window); '
-            f'got {pred.shape[-2]}x{pred.shape[-1]}')
+            f'MS-SSIM needs frames larger than {MS_SSIM_MIN_SIZE} px on the smaller side (five scales of an 11-tap '
+            f'window); got {pred.shape[-2]}x{pred.shape[-1]}')
     return _ms_ssim(pred.float(), target.float(), data_range=1, size_average=False)
 
 

@@ -25,7 +25,7 @@ from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.hub import write_atomically
 from zoo.tasks import figure, save_figure
-from zoo.tasks.video import fitting_loss, ms_ssim, psnr, read_frames, write_frames
+from zoo.tasks.video import fitting_loss, has_ms_ssim, ms_ssim, psnr, read_frames, write_frames
 from zoo.train import fresh
 from zoo.train.task import Task, eval_loader
 
@@ -157,7 +157,7 @@ def _quality(decoded: torch.Tensor, frames: torch.Tensor, per_frame: bool = Fals
     """Per-frame-mean PSNR (dB), as HNeRV reports it, and MS-SSIM where frames are large enough for it
     (with `per_frame`, the per-frame tensors instead of their means)."""
     metrics = {'psnr': psnr(decoded, frames)}
-    if min(frames.shape[-2:]) > 160:
+    if has_ms_ssim(frames):
         metrics['ms_ssim'] = ms_ssim(decoded, frames)
     return metrics if per_frame else {k: v.mean().item() for k, v in metrics.items()}
 
