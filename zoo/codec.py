@@ -492,11 +492,11 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     (the official Bunny release, whose encoder was not published), else the encoder's embeddings of `frames`.
 
     The model itself is left untouched: pruning (fraction `prune` of the decoder weights, by global magnitude;
-    fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns the file size in
-    bytes (total and per section), bits per pixel (file bits / (T * H * W)), and, when `frames` are given, the
-    per-frame-mean PSNR and MS-SSIM of the video decoded from the written file (MS-SSIM is None for frames too
-    small for it: `has_ms_ssim`). A model the decoder's limits refuse (the `MAX_*` constants) is refused here,
-    before writing.
+    fine-tune after pruning for the paper's numbers) and quantisation work on a copy. Returns `prune` and
+    `bits`, the file size in bytes (total and per section), bits per pixel (file bits / (T * H * W)), and, when
+    `frames` are given, the per-frame-mean PSNR and MS-SSIM of the video decoded from the written file (MS-SSIM
+    is None for frames too small for it: `has_ms_ssim`). A model the decoder's limits refuse (the `MAX_*`
+    constants) is refused here, before writing.
     """
     path = check_bitstream_path(path)
     name = check_video_model(model)
@@ -552,8 +552,8 @@ def compress(model, path: PathLike, frames: Optional[torch.Tensor] = None, prune
     write_atomically(path, lambda f: f.write(blob))
 
     result = {
-        'path': str(path), 'model': name, 'frames': num_frames, 'frame_size': (height, width),
-        'bytes': len(blob), 'header_bytes': _PREFIX.size + len(header) + 4, **sizes,
+        'path': str(path), 'model': name, 'frames': num_frames, 'frame_size': (height, width), 'prune': prune,
+        'bits': bits, 'bytes': len(blob), 'header_bytes': _PREFIX.size + len(header) + 4, **sizes,
         'bpp': len(blob) * 8 / (num_frames * height * width), 'psnr': None, 'ms_ssim': None,
     }
     if frames is not None:

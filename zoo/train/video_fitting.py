@@ -246,7 +246,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  reloaded with timm.create_model("local-dir:{folder}")')
     print(f'  PSNR          {reloaded["psnr"]:.2f} dB (per-frame mean, float weights)')
     print(f'  bitstream     {compressed["bytes"]:,} bytes = {compressed["bpp"]:.4f} bits per pixel '
-          f'(10% pruned, 8-bit, entropy coded): {bitstream}')
+          f'({compressed["prune"]:.0%} pruned, {compressed["bits"]}-bit, entropy coded): {bitstream}')
     print(f'  PSNR          {compressed["psnr"]:.2f} dB decoded from the bitstream'
           + (f', MS-SSIM {compressed["ms_ssim"]:.4f}' if compressed['ms_ssim'] is not None else ''))
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')
