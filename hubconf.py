@@ -5,6 +5,8 @@
 
 Each entry point takes `pretrained` and any `timm.create_model` keyword argument.
 """
+from timm.models import model_entrypoint as _model_entrypoint
+
 import zoo as _zoo
 
 dependencies = ['torch', 'torchvision', 'timm', 'huggingface_hub', 'safetensors']
@@ -14,7 +16,7 @@ def _entry_point(name: str):
     def entry_point(pretrained: bool = False, **kwargs):
         return _zoo.create_model(name, pretrained=pretrained, **kwargs)
 
-    registered_doc = (_zoo.registry.timm.models.model_entrypoint(name).__doc__ or name).strip()
+    registered_doc = (_model_entrypoint(name).__doc__ or name).strip()
     entry_point.__name__ = entry_point.__qualname__ = name
     entry_point.__doc__ = (
         f'{registered_doc}\n\n'

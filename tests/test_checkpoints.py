@@ -15,6 +15,7 @@ from PIL import Image
 
 from zoo.train import trainer
 from zoo.errors import CheckpointError
+from zoo.models._builder import sha256_file
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +72,7 @@ def _plant(path, marker):
 
 
 def _rewrite_manifest(folder):
-    files = {p.name: dict(bytes=p.stat().st_size, sha256=trainer.hub.sha256_file(p))
+    files = {p.name: dict(bytes=p.stat().st_size, sha256=sha256_file(p))
              for p in folder.iterdir() if p.name != trainer.MANIFEST_NAME}
     (folder / trainer.MANIFEST_NAME).write_text(json.dumps(dict(format=trainer.CHECKPOINT_FORMAT, files=files)))
 

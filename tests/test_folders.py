@@ -10,6 +10,7 @@ import timm
 import torch
 
 from zoo import hub
+from zoo._io import SAVE_PREFIX
 from zoo.errors import InputError
 
 # Every event Python raises for an operation that changes the file system (plus ctypes calls: the one-step
@@ -89,14 +90,14 @@ def test_a_save_killed_after_any_file_operation_leaves_the_old_folder_or_the_new
             shutil.copytree(pristine, folder)
     assert kills > 10  # the hook saw the save's operations
     assert _snapshot(folder) == new
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(hub.SAVE_PREFIX)] == []
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(SAVE_PREFIX)] == []
 
 
 def test_the_next_save_removes_leftovers_of_killed_saves_only(tmp_path):
     folder = tmp_path / 'model'
     legacy = tmp_path / '.zoo-save-k3j4h2'  # an older zoo's name: no process recorded
     legacy.mkdir()
-    other_host = tmp_path / f'{hub.SAVE_PREFIX}123.another-host.example.abc'
+    other_host = tmp_path / f'{SAVE_PREFIX}123.another-host.example.abc'
     other_host.mkdir()
     hub.save_pretrained(_model(0), folder)
     assert not legacy.exists()

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.convert import from_official
-from zoo.hub import CheckpointError, sha256_file
+from zoo.errors import CheckpointError
 from zoo.models import hnerv
+from zoo.models._builder import sha256_file
 
 from official_layout import load_manifest, placeholder_state_dict, quantized_bunny_release, to_official_layout
 

@@ -23,8 +23,10 @@ from huggingface_hub import HfApi
 import zoo
 import zoo.cards
 import zoo.hub
-from zoo.hub import CheckpointError
+from zoo._io import _file_mode
+from zoo.errors import CheckpointError
 from zoo.models import spartan
+from zoo.models._builder import build_zoo_model
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'spartan'
 HUB_FILES = {'config.json', 'model.safetensors', 'README.md'}
@@ -96,7 +98,7 @@ def test_save_pretrained_folder_loads_in_timm(saved, x):
     model, expected, folder = saved
     assert {p.name for p in folder.iterdir()} == HUB_FILES
     assert not [p for p in folder.parent.iterdir() if p.name.startswith('.zoo-save-')], 'staging folder left behind'
-    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {zoo.hub._file_mode()}, 'readable like any file'
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {_file_mode()}, 'readable like any file'
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'spartan_tiny' and config['num_classes'] == 10
     assert 'num_classes' not in config.get('model_args', {})  # transformers' TimmWrapper fails on the duplicate
@@ -331,7 +333,7 @@ def test_official_weights_download_convert_and_verify(hub, tmp_path, x):
             assert torch.equal(got, want)
 
     def build(sha256):
-        return zoo.hub.build_zoo_model(
+        return build_zoo_model(
             spartan.SpaRTAN, 'spartan_tiny', pretrained=True, weight_sha256={'spartan_tiny.in1k': sha256},
             pretrained_filter_fn=spartan.checkpoint_filter_fn,
             dims=(32, 64, 128, 256), depths=(3, 3, 12, 2), expand_ratios=(4, 4, 2, 2)).eval()

@@ -12,6 +12,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 import zoo
 from zoo import hub
+from zoo.models import _builder
 from zoo.cards import count_gmacs
 from zoo.convert import from_official
 from zoo.models import idisc
@@ -188,7 +189,7 @@ def test_pretrained_tag_converts_the_official_file_on_load(monkeypatch):
         requested.append(cfg['url'])
         return {'state_dict': state_dict, 'file': 'nyu_resnet101.pt', 'source': cfg['url'], 'file_sha256': '0' * 64}
 
-    monkeypatch.setattr(hub, 'read_official_weights', fake_read)
+    monkeypatch.setattr(_builder, 'read_official_weights', fake_read)
     model = timm.create_model('zoo/idisc_resnet101.nyu', pretrained=True, encoder='resnet50', **head_args).eval()
     assert requested == ['https://dl.cv.ethz.ch/idisc/checkpoints/nyu_resnet101.pt']
     x = torch.randn(1, 3, 48, 64)

@@ -11,8 +11,9 @@ from safetensors.torch import load_file, save_file
 
 import zoo
 from zoo.convert import from_official
-from zoo.hub import CheckpointError, load_state_dict_strict
+from zoo.errors import CheckpointError
 from zoo.models import macmd
+from zoo.models._builder import load_state_dict_strict
 
 from official_layout import load_manifest, placeholder_state_dict
 

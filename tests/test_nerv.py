@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from zoo.convert import from_official
-from zoo.hub import CheckpointError
+from zoo.errors import CheckpointError
 from zoo.models import nerv
 
 from official_layout import load_manifest, placeholder_state_dict, to_official_layout

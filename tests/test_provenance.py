@@ -24,6 +24,7 @@ import zoo
 from zoo import hub
 from zoo.errors import CheckpointError, WeightsUnavailableError
 from zoo.models import hnerv, spartan
+from zoo.models._builder import sha256_file
 from zoo.train import trainer
 from official_layout import load_manifest, quantized_bunny_release, to_official_layout
 
@@ -85,7 +86,7 @@ def test_random_model_claims_no_tag_or_description(tmp_path, monkeypatch):
     assert 'tag' not in config['pretrained_cfg'] and 'description' not in config['pretrained_cfg']
     assert 'Official' not in card and 'in1k' not in card
     assert '# Model card for spartan_tiny\n' in card and 'these weights are untrained' in card
-    assert f'`{hub.sha256_file(folder / "model.safetensors")}`' in card
+    assert f'`{sha256_file(folder / "model.safetensors")}`' in card
     namespace = run_usage(folder, monkeypatch)
     assert namespace['x'].shape == (1, 3, 256, 256) and namespace['top5'].values.shape == (1, 5)
 
@@ -100,9 +101,9 @@ def test_official_file_offline_gives_an_official_folder(tmp_path, monkeypatch, n
     config, card = read(folder)
     provenance = config['provenance']
     assert provenance['kind'] == 'official' and provenance['tag'] == 'in1k'
-    assert provenance['file'] == path.name and provenance['file_sha256'] == hub.sha256_file(path)
+    assert provenance['file'] == path.name and provenance['file_sha256'] == sha256_file(path)
     assert config['pretrained_cfg']['tag'] == 'in1k'  # these are the tag's weights, so the tag stays
-    assert '# Model card for spartan_tiny.in1k' in card and hub.sha256_file(path) in card
+    assert '# Model card for spartan_tiny.in1k' in card and sha256_file(path) in card
     assert 'Official ImageNet-1k checkpoint from the SpaRTAN authors' in card
     assert 'model-index' not in card  # nothing was measured on them
     assert "The paper's figures are for the authors' weights" not in card
@@ -124,7 +125,7 @@ def test_fine_tuned_model_says_from_what(tmp_path, monkeypatch, no_network):
     folder = trainer.save_trained(model, tmp_path / 'fine-tuned', recipe, {'top1': 0.5, 'loss': 1.25}, data='/data/pets')
     config, card = read(folder)
     provenance = config['provenance']
-    assert provenance['kind'] == 'fine-tuned' and provenance['from']['file_sha256'] == hub.sha256_file(path)
+    assert provenance['kind'] == 'fine-tuned' and provenance['from']['file_sha256'] == sha256_file(path)
     assert provenance['data'] == '/data/pets' and provenance['metrics'] == {'top1': 0.5, 'loss': 1.25}
     assert f"**Fine-tuned** from the authors' checkpoint `{path.name}` from `{path}`, sha256" in card
     (result,) = config['results']
@@ -174,7 +175,7 @@ def test_folder_card_rerenders_from_config_with_measured_results(tmp_path):
         'command': 'zoo validate'})
     config['results'].append(dict(config['results'][0], weights_sha256='0' * 64, metrics={'top1': 0.99}))
     (folder / 'config.json').write_text(json.dumps(config))
-    zoo.cards.write_folder_card(folder)
+    hub.write_folder_card(folder)
     card = (folder / 'README.md').read_text()
     assert card != before and 'model-index:' in card and 'value: 0.25' in card
     assert '0.99' not in card  # a result for other weights is not shown
@@ -203,7 +204,7 @@ def test_flipped_byte_is_refused_naming_both_digests(saved, tmp_path):
     folder = Path(shutil.copytree(saved, tmp_path / 'copy'))
     recorded = json.loads((folder / 'config.json').read_text())['weights_sha256']
     _flip_byte_in(folder, 'head.fc.weight')
-    actual = hub.sha256_file(folder / 'model.safetensors')
+    actual = sha256_file(folder / 'model.safetensors')
     for load in (lambda: hub.load(folder), lambda: timm.create_model(f'local-dir:{folder}', pretrained=True)):
         with pytest.raises(CheckpointError) as info:
             load()
@@ -274,7 +275,7 @@ def test_bunny_release_loads_from_a_local_file_offline(tmp_path, monkeypatch, no
     torch.save(release, path)
     with pytest.raises(CheckpointError, match='has sha256'):  # not the published file: its recorded sha256 differs
         timm.create_model('hnerv_1_5m.bunny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
-    monkeypatch.setitem(hnerv.WEIGHT_SHA256, 'hnerv_1_5m.bunny', hub.sha256_file(path))
+    monkeypatch.setitem(hnerv.WEIGHT_SHA256, 'hnerv_1_5m.bunny', sha256_file(path))
     model = timm.create_model('hnerv_1_5m.bunny', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert torch.all(model.decoder.blocks[2].conv.weight == 0.25)  # -0.5 + 0.25 * 3
     assert model.zoo_weights['provenance']['kind'] == 'official'
@@ -284,7 +285,7 @@ def test_bunny_release_loads_from_a_local_file_offline(tmp_path, monkeypatch, no
     # converted outside timm (zoo.convert, `zoo convert`): the file's sha256 names the release it is
     converted, _ = hnerv.load_quantized_release(path)
     provenance = converted.zoo_weights['provenance']
-    assert provenance['release'] == 'hnerv_1_5m.bunny' and provenance['file_sha256'] == hub.sha256_file(path)
+    assert provenance['release'] == 'hnerv_1_5m.bunny' and provenance['file_sha256'] == sha256_file(path)
     config, card = read(hub.save_pretrained(converted, tmp_path / 'bunny'))
     assert config['pretrained_cfg']['tag'] == 'bunny' and 'the published `hnerv_1_5m.bunny` release' in card
 

@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
 from zoo.convert import from_official
-from zoo.hub import CheckpointError, load_state_dict_strict
+from zoo.errors import CheckpointError
 from zoo.models import spartan
+from zoo.models._builder import load_state_dict_strict
 
 from official_layout import load_manifest, placeholder_state_dict, to_official_layout
 

@@ -207,7 +207,7 @@ def test_bad_checkpoints_and_configs_are_refused():
     with pytest.raises(ValueError, match='not a classifier'):
         create_from_official(num_classes=None)
     meta, weights, _ = load_case('c1_default_train')
-    with pytest.raises(zoo.hub.CheckpointError, match='keys unexpected'):
+    with pytest.raises(zoo.errors.CheckpointError, match='keys unexpected'):
         from_official('unireplknet', weights, **dict(meta['constructor_kwargs'], depths=(2, 2, 4, 2),
                                                      kernel_sizes=((3, 3), (13, 13), (13,) * 4, (13, 13))))
 

@@ -16,6 +16,7 @@ import zoo
 from zoo import cli, hub
 from zoo import validate as validation
 from zoo.errors import InputError
+from zoo.models._builder import sha256_file
 from zoo.models.spartan import SpaRTAN
 from zoo.models.timesnet import TimesNet
 from zoo.tasks.video import decode_video, read_frames, write_frames
@@ -84,7 +85,7 @@ def test_classification_top1_top5_results_file_and_card(tmp_path, capsys, monkey
     assert 'validate classification' in err  # the progress bar, on stderr
     result = json.loads(out)
     assert result['metrics'] == {'top1': pytest.approx(100 * 6 / 12), 'top5': pytest.approx(100 * 10 / 12)}
-    sha = hub.sha256_file(folder / 'model.safetensors')
+    sha = sha256_file(folder / 'model.safetensors')
     assert result['weights_sha256'] == sha and result['samples'] == 12 and result['model'] == 'spartan_tiny'
     assert result['protocol']['input_size'] == [3, 32, 32] and result['protocol']['crop_pct'] == 1.0
     assert result['command'].startswith(f'zoo validate {folder} --data {data} --split validation --batch 5')
@@ -121,13 +122,13 @@ def test_load_model_hashes_the_weight_file_it_loaded(tmp_path):
     api.create_repo('henry-pay/SpaRTAN-S')  # spartan_tiny.in1k's official repo
     api.upload_file(path_or_fileobj=weights, path_in_repo='model.safetensors', repo_id='henry-pay/SpaRTAN-S')
     model, sha = validation.load_model('zoo/spartan_tiny.in1k')
-    assert sha == hub.sha256_file(weights)
+    assert sha == sha256_file(weights)
 
     folder = tmp_path / 'folder'
     timm.models.save_for_hf(model, folder, safe_serialization=True)  # config.json + weights: a card costs time
     hub.push_folder(folder, 'someone/spartan')
     _, sha = validation.load_model('hf-hub:someone/spartan')
-    assert sha == hub.sha256_file(folder / 'model.safetensors')
+    assert sha == sha256_file(folder / 'model.safetensors')
 
 
 # ---------------------------------------------------------------------------------------------------------------

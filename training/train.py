@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import zoo
-from zoo import hub
+from zoo._io import check_output_dir
 from zoo.train import trainer
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = trainer.load_recipe(args.recipe, args.overrides)
-        output_dir = hub.check_output_dir(args.output_dir or Path('runs') / args.recipe.stem)
+        output_dir = check_output_dir(args.output_dir or Path('runs') / args.recipe.stem)
         trainer.train(recipe, output_dir, data=args.data, resume=args.resume,
                       exit_after_steps=args.exit_after_steps, push_to_hub=args.push_to_hub,
                       skip_damaged_checkpoints=args.skip_damaged_checkpoints)

@@ -3,25 +3,14 @@
 timm 1.0.31 rejects a plain name containing a slash (it looks like a Hub repo id), while timm <= 1.0.28
 silently dropped everything before the slash. Both are wrong for us, so `import zoo` wraps the one
 function timm uses to split a model name into (source, id): names that start with `zoo/` (any case)
-become the lower-cased zoo registry name, and every other name goes to timm's own parser unchanged.
+become the lower-cased zoo registry name (`zoo.registry.strip_zoo_prefix`), and every other name goes to
+timm's own parser unchanged.
 """
 from typing import Callable, Optional, Tuple
 
 import timm.models._factory as _factory
 
-PREFIX = 'zoo/'
-
-
-def strip_zoo_prefix(model_name: str) -> Optional[str]:
-    """`zoo/sparTAN_tiny.in1k` -> `spartan_tiny.in1k`; None for a name outside the namespace."""
-    if model_name[:len(PREFIX)].lower() != PREFIX:
-        return None
-    return model_name[len(PREFIX):].lower()
-
-
-def registry_name(model_name: str) -> str:
-    """The name timm's registry knows: `zoo/sparTAN_tiny` -> `spartan_tiny`; names outside `zoo/` unchanged."""
-    return strip_zoo_prefix(model_name) or model_name
+from zoo.registry import check_model_name, strip_zoo_prefix
 
 
 def _wrap(parse: Callable[[str], Tuple[Optional[str], str]]) -> Callable[[str], Tuple[Optional[str], str]]:
@@ -29,7 +18,6 @@ def _wrap(parse: Callable[[str], Tuple[Optional[str], str]]) -> Callable[[str], 
         name = strip_zoo_prefix(model_name)
         if name is None:
             return parse(model_name)
-        from zoo.registry import check_model_name
         check_model_name(name)
         return None, name
 

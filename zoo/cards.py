@@ -9,7 +9,6 @@ its input size). `model_cards/<name.tag>.md` holds one card per pretrained cfg o
 weights, and the `untrained` cfgs of models no one has published weights for); a test keeps them in sync.
 """
 import copy
-import json
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -21,8 +20,8 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from zoo.hub import CARD_NAME, CONFIG_NAME, OFFICIAL_SOURCE, holds_tagged_weights, write_atomically
 from zoo.metadata import weights_meta
+from zoo.models._builder import OFFICIAL_SOURCE, holds_tagged_weights
 from zoo.registry import check_model_name, is_zoo_model
 
 CARDS_DIR = Path(__file__).resolve().parent.parent / 'model_cards'
@@ -300,16 +299,6 @@ def model_card(model: nn.Module, config: Optional[Dict] = None, counts: Optional
     if info.get('limitations'):
         lines += ['## Limitations', '', info['limitations'], '']
     return '\n'.join(lines)
-
-
-def write_folder_card(directory: Union[str, Path]) -> Path:
-    """Re-render a Hub folder's README.md from its config.json (after its `results` changed, say)."""
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    with torch.device('meta'):
-        model = timm.create_model(f'local-dir:{directory}', pretrained=False)
-    card = model_card(model, config=config).encode()
-    return write_atomically(directory / CARD_NAME, lambda f: f.write(card))
 
 
 def card_for_name(model_name: str) -> str:

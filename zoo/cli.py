@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
-from zoo._namespace import registry_name
+from zoo._io import check_output_dir
 from zoo.errors import InputError, UnknownModelError, ZooError
 from zoo.metadata import weights_meta
 from zoo.models import FAMILIES
-from zoo.registry import check_model_name
+from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint, require_published_weights
+from zoo.registry import check_model_name, registry_name
 from zoo.tasks import DENSE_STRIDE, padded_size
 
 
@@ -38,7 +39,7 @@ def _load_model(args, source: str, pretrained: bool = True):
         return hub.load(path).eval()
     check_model_name(source)
     if pretrained:
-        hub.require_published_weights(source)
+        require_published_weights(source)
     _say(args, f'building {source}' + (' and loading its weights' if pretrained else ' with random weights'))
     return zoo.create_model(source, pretrained=pretrained).eval()
 
@@ -152,7 +153,7 @@ def _cmd_predict(args) -> None:
 def _cmd_convert(args) -> None:
     from zoo.convert import family_module
 
-    hub.check_output_dir(args.out)
+    check_output_dir(args.out)
     module = family_module(args.family)
     model_name = args.model
     if model_name is None:
@@ -163,9 +164,9 @@ def _cmd_convert(args) -> None:
     kwargs = {'num_classes': args.num_classes} if args.num_classes is not None else {}
     _say(args, f'building {model_name} and reading {args.checkpoint}')
     model = zoo.create_model(model_name, **kwargs)
-    state_dict = module.checkpoint_filter_fn(hub.read_checkpoint(args.checkpoint), model)
-    hub.load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
-    hub.mark_official(model, args.checkpoint, getattr(module, 'WEIGHT_SHA256', None))
+    state_dict = module.checkpoint_filter_fn(read_checkpoint(args.checkpoint), model)
+    load_state_dict_strict(model, state_dict, source=str(args.checkpoint))
+    mark_official(model, args.checkpoint, getattr(module, 'WEIGHT_SHA256', None))
     out = hub.save_pretrained(model.eval(), args.out)
     print(f'wrote {out} ({model_name}); load it with timm.create_model("local-dir:{out}", pretrained=True)')
 

@@ -24,9 +24,9 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo._namespace import registry_name
+from zoo._io import write_atomically
 from zoo.errors import BitstreamError, InputError
-from zoo.hub import write_atomically
+from zoo.registry import registry_name
 from zoo.tasks.video import _check_parents, has_ms_ssim, ms_ssim, psnr
 
 __all__ = [

@@ -11,8 +11,8 @@ from typing import Any, Dict, Union
 
 import torch.nn as nn
 
-from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
 from zoo.models import FAMILIES
+from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint
 
 
 def family_module(family: str) -> ModuleType:

@@ -42,7 +42,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 import zoo
 from zoo.errors import InputError
-from zoo.hub import write_atomically
+from zoo._io import write_atomically
 
 __all__ = ['METHODS', 'Explanation', 'explain', 'LinearInterpreter', 'load_input']
 

@@ -18,7 +18,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo import hub
+from zoo._io import write_atomically
 from zoo.errors import InputError, ZooError
 
 FORMATS = {'onnx': '.onnx', 'exported-program': '.pt2', 'torchscript': '.pt'}
@@ -226,15 +226,15 @@ def export(
         raise ZooError(
             f'the exported {format} graph differs from eager by {check["max_abs_diff"]:.3g} (output scale '
             f'{check["output_scale"]:.3g}, tolerance {RTOL:g} x scale); nothing was written')
-    hub.write_atomically(path, lambda f: f.write(data))
+    write_atomically(path, lambda f: f.write(data))
     result = {'path': str(path), 'seconds': round(seconds, 2), 'fp32_check': check}
     if int8:
         q_path = path.with_name(f'{path.stem}.int8{path.suffix}')
         q_data = quantize_int8(path)
         result['int8'] = {'path': str(q_path), 'check': compare(load_runner(q_data, 'onnx'), module, inputs)}
-        hub.write_atomically(q_path, lambda f: f.write(q_data))
+        write_atomically(q_path, lambda f: f.write(q_data))
     config = data_config(module, x, format, deploy=deploy, dynamic_batch=dynamic_batch, opset=opset, check=result)
-    hub.write_atomically(sidecar_path(path), lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+    write_atomically(sidecar_path(path), lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
     return config
 
 

@@ -1,12 +1,14 @@
 """Which models the zoo registers, and errors for names it does not know."""
 import difflib
 import numbers
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import timm
 
-from zoo._namespace import registry_name
 from zoo.errors import InputError, UnknownModelError
+
+# The zoo's name space in timm model names: `zoo/sparTAN_tiny` (any case; `zoo._namespace` teaches timm to read it).
+PREFIX = 'zoo/'
 
 # Constructor arguments shared by the zoo's models, with the least value each takes (a count, a size, a rate):
 # a wrong type or a value out of range is refused when the model is built, not deep inside it.
@@ -14,6 +16,18 @@ _AT_LEAST_ONE = ('in_chans', 'img_size', 'dims', 'widths', 'embed_dim', 'num_hea
                  'expand_ratios', 'mlp_ratio', 'output_stride')
 _AT_LEAST_ZERO = ('num_classes', 'depths', 'depth', 'halo_size', 'final_chs')
 _RATES = ('drop_rate', 'drop_path_rate', 'attn_drop_rate', 'proj_drop_rate', 'pos_drop_rate')
+
+
+def strip_zoo_prefix(model_name: str) -> Optional[str]:
+    """`zoo/sparTAN_tiny.in1k` -> `spartan_tiny.in1k`; None for a name outside the namespace."""
+    if model_name[:len(PREFIX)].lower() != PREFIX:
+        return None
+    return model_name[len(PREFIX):].lower()
+
+
+def registry_name(model_name: str) -> str:
+    """The name timm's registry knows: `zoo/sparTAN_tiny` -> `spartan_tiny`; names outside `zoo/` unchanged."""
+    return strip_zoo_prefix(model_name) or model_name
 
 
 def is_zoo_model(model_name: str) -> bool:

@@ -39,8 +39,10 @@ from tqdm import tqdm
 
 import zoo
 from zoo import cards, hub
+from zoo._io import write_atomically
 from zoo.codec import compress, decode_video
 from zoo.errors import InputError
+from zoo.models._builder import download_official_weights, sha256_file
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
 from zoo.tasks.video import has_ms_ssim, ms_ssim, psnr
@@ -93,15 +95,15 @@ def load_model(name: str) -> Tuple[nn.Module, str]:
     (`hf-hub:ID`), or a zoo `name.tag` with published weights."""
     if name.startswith('local-dir:') or Path(name).is_dir():
         folder = Path(name[len('local-dir:'):] if name.startswith('local-dir:') else name)
-        return hub.load(folder), hub.sha256_file(folder / hub.WEIGHTS_NAME)
+        return hub.load(folder), sha256_file(folder / hub.WEIGHTS_NAME)
     if name.startswith('hf-hub:'):
         repo_id = name[len('hf-hub:'):]
         model = hub.load(repo_id)
-        return model, hub.sha256_file(hf_hub_download(repo_id, hub.WEIGHTS_NAME))
+        return model, sha256_file(hf_hub_download(repo_id, hub.WEIGHTS_NAME))
     model = zoo.create_model(name, pretrained=True).eval()
     cfg = model.pretrained_cfg
-    weights = cfg.get('file') or hub.download_official_weights(cfg)  # already in the cache: the file just loaded
-    return model, hub.sha256_file(weights)
+    weights = cfg.get('file') or download_official_weights(cfg)  # already in the cache: the file just loaded
+    return model, sha256_file(weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ def write_results(result: Dict[str, Any], path: Union[str, Path]) -> Path:
         writer.writeheader()
         writer.writerows(rows + [new])
         text = buffer.getvalue()
-    return hub.write_atomically(path, lambda f: f.write(text.encode()))
+    return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def _results_section(results) -> str:
@@ -371,7 +373,7 @@ def check_card_folder(folder: Union[str, Path], weights_sha256: Optional[str]) -
     for name in (hub.CONFIG_NAME, hub.WEIGHTS_NAME):
         if not (folder / name).is_file():
             raise FileNotFoundError(f'{folder} is not a zoo Hub folder: {name} is missing')
-    actual = hub.sha256_file(folder / hub.WEIGHTS_NAME)
+    actual = sha256_file(folder / hub.WEIGHTS_NAME)
     if weights_sha256 != actual:
         raise InputError(f'the result is of weights with sha256 {weights_sha256}, but {folder / hub.WEIGHTS_NAME} '
                          f'has sha256 {actual}: a card records only what was measured on its own weights')
@@ -388,6 +390,6 @@ def update_card(folder: Union[str, Path], result: Dict[str, Any]) -> Path:
     config = json.loads(config_path.read_text())
     config.setdefault('results', []).append({k: result.get(k) for k in RESULT_KEYS})
     card = _render_card(folder, config)
-    hub.write_atomically(config_path, lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
-    hub.write_atomically(folder / hub.CARD_NAME, lambda f: f.write(card.encode()))
+    write_atomically(config_path, lambda f: f.write((json.dumps(config, indent=2) + '\n').encode()))
+    write_atomically(folder / hub.CARD_NAME, lambda f: f.write(card.encode()))
     return folder

@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input, is_traced
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['ConVit']
 
@@ -174,7 +175,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ConVit) -> 
 
 
 def _create_convit(variant: str, pretrained: bool = False, **kwargs) -> ConVit:
-    from zoo.hub import build_zoo_model
     out_indices = kwargs.pop('out_indices', 3)
     if kwargs.get('img_size') is not None:
         # The position table fixes the input size, so the cfg says which: data configs, cards and a saved

@@ -40,6 +40,7 @@ from timm.models.byoanet import ByobNet, model_cfgs as timm_byoanet_cfgs
 
 from zoo.layers import check_image_input, is_traced, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['HaloNet', 'HaloAttention']
 
@@ -481,7 +482,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: HaloNet) ->
 
 
 def _create_halonet(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    from zoo.hub import build_zoo_model
     return build_zoo_model(
         HaloNet,
         variant,
@@ -616,7 +616,6 @@ def halonet_h0(pretrained: bool = False, **kwargs) -> HaloNet:
 @register_model
 def halonet_h1(pretrained: bool = False, **kwargs) -> ByobNet:
     """HaloNet-H1 (b8 h3, rv 1, rb 1, 8.10M params, 256 px): timm's own ByobNet `halonet_h1`, zoo metadata."""
-    from zoo.hub import build_zoo_model  # zoo.hub imports zoo.models
     return build_zoo_model(
         ByobNet, 'halonet_h1', pretrained, cfg=timm_byoanet_cfgs['halonet_h1'],
         pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=dict(flatten_sequential=True), **kwargs)

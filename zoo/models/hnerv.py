@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, trunc_normal_
@@ -30,6 +31,7 @@ from timm.models.convnext import ConvNeXtBlock
 from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_index, check_frame_size, check_positive
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model, load_state_dict_strict, mark_official, read_checkpoint
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
 
@@ -353,7 +355,6 @@ class HNeRV(nn.Module):
 
     def load_decoder_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load `decoder_state_dict()`-keyed tensors, all of them or nothing."""
-        from zoo.hub import load_state_dict_strict
         stray = [k for k in state_dict if not k.startswith('decoder.')]
         if stray:
             raise ValueError(f'a decoder state dict holds only decoder.* keys; got {", ".join(stray[:3])}')
@@ -460,8 +461,6 @@ def load_quantized_release(
     contents; `model_name` and `model_kwargs` build the matching zoo model (default: the Bunny 1.5M model).
     Weights and embeddings are dequantized as min + scale * quant; the encoder is not part of the release.
     """
-    import timm
-    from zoo.hub import load_state_dict_strict, mark_official, read_checkpoint
     path = None
     if not isinstance(checkpoint, dict):
         path, checkpoint = checkpoint, read_checkpoint(checkpoint)
@@ -540,7 +539,6 @@ def create_from_official(**official_kwargs) -> HNeRV:
 
 
 def _create_hnerv(variant: str, pretrained: bool = False, **kwargs) -> HNeRV:
-    from zoo.hub import build_zoo_model
     model = build_zoo_model(
         HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)

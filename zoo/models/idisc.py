@@ -37,6 +37,7 @@ from timm.models.swin_transformer import SwinTransformerBlock, window_partition,
 
 from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['IDisc']
 
@@ -620,7 +621,6 @@ def rename_official_key(key: str, resnet: bool = False) -> Optional[str]:
 
 def _create_idisc(variant: str, pretrained: bool = False, **kwargs) -> IDisc:
     """Build `variant` with the settings of its pretrained tag (NYU, KITTI, NYU normals); kwargs win."""
-    from zoo.hub import build_zoo_model
 
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))

@@ -32,6 +32,7 @@ from timm.models.inception_v4 import InceptionV4 as TimmInceptionV4, Mixed3a, Mi
 
 from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['InceptionV4', 'InceptionResnetV2', 'InceptionResnet']
 
@@ -397,7 +398,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(model_cls: Callable, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    from zoo.hub import build_zoo_model
     feature_cfg = dict(flatten_sequential=True) if model_cls is InceptionV4 else dict()
     return build_zoo_model(
         model_cls,

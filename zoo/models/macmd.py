@@ -39,6 +39,7 @@ from timm.models.pvt_v2 import checkpoint_filter_fn as _pvt_v2_filter_fn
 
 from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['MACMD', 'MACMDDecoder']
 
@@ -506,7 +507,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 def _create_macmd(variant: str, pretrained: bool = False, **kwargs) -> MACMD:
     """Build a variant; `pretrained` loads the encoder's ImageNet weights through timm (no published
     weights exist for the whole zoo model; official checkpoints convert with `zoo convert macmd`)."""
-    from zoo.hub import build_zoo_model
     kwargs.setdefault('pretrained_encoder', pretrained)
     return build_zoo_model(MACMD, variant, False, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 

@@ -23,6 +23,7 @@ from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import (
     NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_index, check_frame_size, check_positive)
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model, load_state_dict_strict
 
 __all__ = ['NeRV']
 
@@ -158,7 +159,6 @@ class NeRV(nn.Module):
         return self.state_dict()
 
     def load_decoder_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
-        from zoo.hub import load_state_dict_strict
         load_state_dict_strict(self, state_dict, source='decoder state dict')
 
     def size_params(self) -> int:
@@ -247,7 +247,6 @@ def create_from_official(**official_kwargs) -> NeRV:
 
 
 def _create_nerv(variant: str, pretrained: bool = False, **kwargs) -> NeRV:
-    from zoo.hub import build_zoo_model
     model = build_zoo_model(
         NeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)

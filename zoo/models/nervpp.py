@@ -26,6 +26,7 @@ from timm.models.mambaout import GatedConvBlock
 from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock
 from zoo.metadata import zoo_cfgs
+from zoo.models._builder import build_zoo_model
 from zoo.models.nerv import NeRV, model_args_from_official as _nerv_args_from_official, rename_official_keys
 
 __all__ = ['NeRVPlusPlus']
@@ -195,7 +196,6 @@ def create_from_official(**official_kwargs) -> NeRVPlusPlus:
 
 
 def _create_nervpp(variant: str, pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
-    from zoo.hub import build_zoo_model
     model = build_zoo_model(
         NeRVPlusPlus, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)

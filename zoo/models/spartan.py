@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['SpaRTAN']
 
@@ -424,7 +425,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SpaRTAN) ->
 
 
 def _create_spartan(variant: str, pretrained: bool = False, **kwargs) -> SpaRTAN:
-    from zoo.hub import build_zoo_model
     return build_zoo_model(
         SpaRTAN,
         variant,

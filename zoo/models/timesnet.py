@@ -33,6 +33,7 @@ from timm.models import register_model, resolve_pretrained_cfg
 
 from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['TimesNet', 'ReShape', 'PostFeaturePyramid']
 
@@ -201,7 +202,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: TimesNet) -
 def _create_timesnet(variant: str, pretrained: bool = False, **kwargs) -> TimesNet:
     """`pretrained=True` loads ×Net weights when the cfg names some (a Hub repo, a file); no one has published
     any, so otherwise it starts the encoder and the decoder from their ImageNet classifiers."""
-    from zoo.hub import build_zoo_model
     cfg = resolve_pretrained_cfg(
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     own_weights = any(getattr(cfg, k, None) for k in ('hf_hub_id', 'url', 'file', 'state_dict'))

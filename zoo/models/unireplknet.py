@@ -37,6 +37,7 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers import check_image_input, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
+from zoo.models._builder import build_zoo_model
 
 __all__ = ['UniRepLKNet', 'DilatedReparamConv', 'UniRepLKNetBlock']
 
@@ -719,7 +720,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: UniRepLKNet
 def _create_unireplknet(variant: str, pretrained: bool = False, **kwargs) -> UniRepLKNet:
     """Build a variant. Official weights are in training form: with `deploy=True` they are loaded into the
     training form, which is then re-parameterised."""
-    from zoo.hub import build_zoo_model
     deploy = kwargs.pop('deploy', False)
     model = build_zoo_model(
         UniRepLKNet,

@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from zoo.hub import write_atomically
+from zoo._io import write_atomically
 
 # Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
 DENSE_STRIDE = 32

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
+from zoo._io import replace_file
 from zoo.errors import InputError
-from zoo.hub import replace_file
 from zoo.tasks import rgb_array
 
 __all__ = [

@@ -43,8 +43,10 @@ from tqdm import tqdm
 
 import zoo
 from zoo import hub, tract
+from zoo._io import write_atomically
 from zoo.errors import CheckpointError, InputError, RecipeError, ZooError
 from zoo.hub import RECIPE_NAME
+from zoo.models._builder import load_state_dict_strict, sha256_file
 from zoo.train.classification import Classification
 from zoo.train.dense import Depth, Segmentation
 from zoo.train.task import Task
@@ -306,7 +308,7 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, keep
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = sorted(p for p in staging.rglob('*') if p.is_file())
-        manifest = {str(p.relative_to(staging)): dict(bytes=p.stat().st_size, sha256=hub.sha256_file(p)) for p in files}
+        manifest = {str(p.relative_to(staging)): dict(bytes=p.stat().st_size, sha256=sha256_file(p)) for p in files}
         (staging / MANIFEST_NAME).write_text(json.dumps(dict(format=CHECKPOINT_FORMAT, files=manifest), indent=2) + '\n')
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -348,7 +350,7 @@ def verify_checkpoint(folder: Union[str, Path]) -> Dict[str, Any]:
         if path.is_symlink():
             raise CheckpointError(f'{path} is a link; a checkpoint holds only plain files')
         if not isinstance(record, dict) or path.stat().st_size != record.get('bytes') or \
-                hub.sha256_file(path) != record.get('sha256'):
+                sha256_file(path) != record.get('sha256'):
             raise CheckpointError(f'{path} does not match {MANIFEST_NAME} (size or sha256 differs): '
                                   'the file is truncated, corrupt or was replaced')
         _check_state_file(path)
@@ -438,7 +440,7 @@ class RunHistory:
         """Keep the records of the steps a resumed run does not repeat."""
         if self.enabled and self.path.is_file():
             self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r['step'] <= step]
-            hub.write_atomically(self.path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in self.records).encode()))
+            write_atomically(self.path, lambda f: f.write(''.join(json.dumps(r) + '\n' for r in self.records).encode()))
 
     def append(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -462,7 +464,7 @@ class RunHistory:
             axes.set(title=title, xlabel='optimizer step')
             axes.grid(alpha=0.3)
         FigureCanvasAgg(figure)
-        hub.write_atomically(self.picture, lambda f: figure.savefig(f, format='png', dpi=80))
+        write_atomically(self.picture, lambda f: figure.savefig(f, format='png', dpi=80))
 
 
 class BestCheckpoint:
@@ -779,7 +781,7 @@ def _final_checkpoint(model: torch.nn.Module, last: Dict[str, Any], best: BestCh
         return model, last, dict(kind='last', **where, metric=best.metric, mode=best.mode, value=value,
                                  reason=f'the last step has the best {best.metric} ({best.mode}) of the run')
     model = copy.deepcopy(model)
-    hub.load_state_dict_strict(model, load_file(best.directory / hub.WEIGHTS_NAME), source=str(best.directory))
+    load_state_dict_strict(model, load_file(best.directory / hub.WEIGHTS_NAME), source=str(best.directory))
     published = json.loads((best.directory / hub.TRAINING_NAME).read_text())['metrics']
     return model, published, dict(
         best.describe(), last_step_metrics=last,
@@ -885,7 +887,7 @@ def reproduce(folder: Union[str, Path], output_dir: Union[str, Path], data: Opti
     with _recreated(recorded):
         metrics = train(recipe, output_dir, data=data or published.get('data_path'), quiet=True)
     new_folder = Path(output_dir) / 'model'
-    new_sha = hub.sha256_file(new_folder / hub.WEIGHTS_NAME)
+    new_sha = sha256_file(new_folder / hub.WEIGHTS_NAME)
     now = json.loads((new_folder / hub.TRAINING_NAME).read_text()).get('environment') or {}
     environment_differences = {k: [v, now.get(k)] for k, v in recorded.items() if now.get(k) != v}
     metric_differences = {k: [v, metrics.get(k)] for k, v in published['metrics'].items()

@@ -21,9 +21,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from zoo._io import write_atomically
 from zoo.codec import compress, decode_video
 from zoo.errors import InputError
-from zoo.hub import write_atomically
 from zoo.tasks import figure, save_figure
 from zoo.tasks.video import fitting_loss, has_ms_ssim, ms_ssim, psnr, read_frames, write_frames
 from zoo.train import fresh
