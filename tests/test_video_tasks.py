@@ -329,7 +329,7 @@ def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
         codec.decompress(bad)
     codec.compress(tiny_model('nerv_s'), bad)
     rewrite_header(bad, model='nervpp_xs')  # same arguments, other blocks
-    with pytest.raises(codec.BitstreamError, match='does not fit nervpp_xs.*another model'):
+    with pytest.raises(codec.BitstreamError, match='does not fit nervpp_xs.*another architecture'):
         codec.decompress(bad)
     bad.write_bytes(data)
     rewrite_header(bad, model='hnerv_9m')

@@ -24,10 +24,10 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo._io import write_atomically
-from zoo.errors import BitstreamError, InputError
+from zoo._io import check_output_dir, write_atomically
+from zoo.errors import BitstreamError, CheckpointError, InputError
 from zoo.registry import registry_name
-from zoo.tasks.video import _check_parents, has_ms_ssim, ms_ssim, psnr
+from zoo.tasks.video import has_ms_ssim, ms_ssim, psnr
 
 __all__ = [
     'compress', 'decompress', 'decode_video', 'BitstreamError', 'check_video_model', 'check_bitstream_path',
@@ -252,7 +252,7 @@ def _check_header(header, where: str, error=BitstreamError) -> None:
 class _Plan(NamedTuple):
     """What building and running a model on the meta device tells about decoding with it."""
     values: int                      # parameters and buffers
-    tensors: Dict[str, Tuple[int, ...]]  # the decoder state dict's shapes
+    model: nn.Module                 # the model itself, on the meta device: its decoder takes the tensor table
     embed_shape: Optional[Tuple[int, ...]]  # one frame's stored embedding (None: frame-index models)
     num_frames: int
     frame_shape: Tuple[int, ...]     # what decoding one frame gives
@@ -289,8 +289,7 @@ def _plan(name: str, args_json: str) -> Union[_Plan, str]:
             frame = model.decode(embedding)
     except (ValueError, TypeError, LookupError, ArithmeticError, RuntimeError) as e:
         return f'{name} cannot be built and run with {_shown(args)}: {e}'
-    return _Plan(values, {k: tuple(v.shape) for k, v in model.decoder_state_dict().items()},
-                 tuple(model.embed_shape) if model.stored_embeddings else None, model.num_frames, tuple(frame.shape),
+    return _Plan(values, model, tuple(model.embed_shape) if model.stored_embeddings else None, model.num_frames, tuple(frame.shape),
                  largest[0], macs[0])
 
 
@@ -311,21 +310,19 @@ def _check_model(header, where: str, error=BitstreamError) -> None:
     if frames * plan.macs > MAX_DECODE_MACS:
         raise error(f'{where}: decoding {frames} frames takes {frames * plan.macs:.3g} multiply-accumulates, above '
                     f'the limit of {MAX_DECODE_MACS:.3g} (MAX_DECODE_MACS)')
-    expected = dict(plan.tensors)
+    table = {key: torch.empty(shape, device='meta') for key, shape in header['tensors']}
     if plan.embed_shape is not None:
-        expected['embeddings'] = (frames, *plan.embed_shape)
+        expected, embeddings = (frames, *plan.embed_shape), table.pop('embeddings', None)
+        if embeddings is None or tuple(embeddings.shape) != expected:
+            found = 'none' if embeddings is None else tuple(embeddings.shape)
+            raise error(f'{where} does not fit {name} {_shown(args)}: its frame embeddings are {found}, not '
+                        f'{expected}. It was written for another model')
     elif frames != plan.num_frames:
         raise error(f'{where}: it declares {frames} frames, but its {name} represents num_frames={plan.num_frames}')
-    table = {key: tuple(shape) for key, shape in header['tensors']}
-    missing = [k for k in expected if k not in table]
-    unexpected = [k for k in table if k not in expected]
-    mismatched = [f'{k} {table[k]} vs {v}' for k, v in expected.items() if k in table and table[k] != v]
-    if missing or unexpected or mismatched:
-        problems = [f'{len(keys)} tensors {what} (first: {", ".join(keys[:3])})'
-                    for what, keys in (('missing', missing), ('unexpected', unexpected),
-                                       ('of another shape', mismatched)) if keys]
-        raise error(f'{where} does not fit {name} {_shown(args)}: {"; ".join(problems)}. It was written for another '
-                    'model')
+    try:  # the decoder's own strict load, on the meta device: the one diagnosis of what does not fit
+        plan.model.load_decoder_state_dict(table)
+    except (CheckpointError, ValueError) as e:
+        raise error(f'{where}: {e}') from None
 
 
 def _prune(state: Dict[str, torch.Tensor], amount: float) -> Dict[str, torch.Tensor]:
@@ -480,7 +477,7 @@ def check_bitstream_path(path: PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise InputError(f'{path} is a folder: give the bitstream file to write, e.g. {path / "video.zvid"}')
-    _check_parents(path)
+    check_output_dir(path.parent)
     return path
 
 

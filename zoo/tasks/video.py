@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
-from zoo._io import replace_file
+from zoo._io import check_output_dir, replace_file
 from zoo.errors import InputError
 from zoo.tasks import rgb_array
 
@@ -146,7 +146,7 @@ def check_frames_path(path: PathLike) -> Path:
     path = Path(path)
     if path.suffix and path.suffix.lower() not in VIDEO_FORMATS:
         raise InputError(f'cannot write {path}: give a folder (no extension) or a {"/".join(VIDEO_FORMATS)} video')
-    _check_parents(path)
+    check_output_dir(path.parent)
     if path.suffix and path.is_dir():
         raise InputError(f'{path} is a folder: give a video file name, or a name without extension for a folder of '
                          'PNG frames')
@@ -158,14 +158,6 @@ def check_frames_path(path: PathLike) -> Path:
             raise InputError(f'{path} holds files other than frame_NNNNN.png (first: {sorted(others)[0]}); '
                              'give a new or empty folder')
     return path
-
-
-def _check_parents(path: Path) -> None:
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f'cannot write {path}: {parent} is a file, not a folder')
-            return
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
