@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import zoo
 from zoo.errors import InputError
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -171,8 +172,6 @@ def bench_model(
     """Build `name` with random weights and time `repeats` batches (inference, or forward + backward + SGD step
     with `train`). `deploy` re-parameterises (timm's `reparameterize_model`); `size` defaults to the model's
     input size."""
-    import zoo
-
     if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
     for what, value, least in (('batch', batch, 1), ('repeats', repeats, 1), ('warmup', warmup, 0),

@@ -12,18 +12,22 @@ from typing import List, Optional
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
 from tqdm import tqdm
 
 import zoo
-from zoo import cards, hub
+from zoo import cards, export, hub
 from zoo._io import check_output_dir
+from zoo.bench import bench_model
+from zoo.convert import family_module
 from zoo.errors import InputError, UnknownModelError, ZooError
 from zoo.metadata import weights_meta
 from zoo.models import FAMILIES
 from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint, require_published_weights
 from zoo.registry import check_model_name, registry_name
-from zoo.tasks import DENSE_STRIDE, padded_size
+from zoo.tasks import DENSE_STRIDE, padded_size, rgb_image, save_prediction
 
 
 def _say(args, doing: str) -> None:
@@ -107,10 +111,6 @@ def _label_names(model) -> Optional[List[str]]:
 
 
 def _read_image(image_path):
-    from PIL import Image
-
-    from zoo.tasks import rgb_image
-
     try:
         return rgb_image(Image.open(image_path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -126,8 +126,6 @@ def _cmd_predict(args) -> None:
             f'{args.name} is a video model: it represents the one video it was fitted to and does not look at '
             'images. Fit it with training/train.py, then `zoo compress` and `zoo decode` its video')
     if getattr(model, 'task', 'classification') != 'classification':
-        from zoo.tasks import save_prediction
-
         for image_path in tqdm(args.images, desc='predict', file=sys.stderr):
             image = _read_image(image_path)
             height, width = padded_size(image.height, image.width)
@@ -151,8 +149,6 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_convert(args) -> None:
-    from zoo.convert import family_module
-
     check_output_dir(args.out)
     module = family_module(args.family)
     model_name = args.model
@@ -202,7 +198,7 @@ _LOW_VIDEO_PSNR = 15
 
 
 def _cmd_compress(args) -> None:
-    from zoo import codec
+    from zoo import codec  # optional extra: video (pytorch-msssim, constriction), only for this command
     from zoo.tasks import video
 
     codec.check_bitstream_path(args.out)
@@ -233,7 +229,7 @@ def _cmd_compress(args) -> None:
 
 
 def _cmd_decode(args) -> None:
-    from zoo import codec
+    from zoo import codec  # optional extra: video (pytorch-msssim, constriction, av), only for this command
     from zoo.tasks import video
 
     video.check_frames_path(args.out)  # before decoding, which can take minutes
@@ -244,8 +240,6 @@ def _cmd_decode(args) -> None:
 
 
 def _cmd_reproduce(args) -> None:
-    from huggingface_hub import snapshot_download
-
     from zoo.train import trainer  # optional extra: train (accelerate), only for this command
 
     source = Path(args.source)
@@ -274,8 +268,6 @@ def _cmd_reproduce(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from zoo.bench import bench_model
-
     check_model_name(args.name)
     _say(args, f'building {args.name} and timing {args.warmup} + {args.repeats} batches of {args.batch}')
     result = bench_model(
@@ -290,7 +282,7 @@ _VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', *_DEPTH_OPTIONS, 'prune'
 
 
 def _cmd_validate(args) -> None:
-    from zoo import validate  # imports the trainer (accelerate): only when validating
+    from zoo import validate  # optional extras: train (accelerate) and video, which validate imports
 
     given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
     command = shlex.join(['zoo', 'validate', args.model, *(
@@ -315,7 +307,7 @@ def _cmd_validate(args) -> None:
 
 
 def _cmd_explain(args) -> None:
-    from zoo import explain  # matplotlib and captum: only for this command
+    from zoo import explain  # optional extra: explain (captum, matplotlib), only for this command
 
     source = Path(args.name)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
@@ -335,8 +327,6 @@ def _cmd_explain(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from zoo import export
-
     source = Path(args.name)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
     size = tuple(args.size * 2 if len(args.size) == 1 else args.size) if args.size else None

@@ -349,14 +349,14 @@ def _quantize(tensor: torch.Tensor, bits: int) -> Tuple[np.ndarray, float, float
 
 
 def _categorical(table: np.ndarray):
-    import constriction
+    import constriction  # optional extra: video
 
     return constriction.stream.model.Categorical(table.astype(np.float64), perfect=False)
 
 
 def _encode_symbols(symbols: np.ndarray, bits: int) -> Tuple[int, bytes]:
     """The cheaper of a range-coded record (with its table) and the raw symbols."""
-    import constriction
+    import constriction  # optional extra: video
 
     raw = symbols.astype(np.uint8 if bits <= 8 else '<u2').tobytes()
     counts = np.bincount(symbols, minlength=2 ** bits)
@@ -415,7 +415,7 @@ def _records(payload: memoryview, header: dict, where: str) -> List[_Record]:
 
 def _decode_record(payload: memoryview, record: _Record, bits: int, where: str) -> torch.Tensor:
     """The dequantised tensor of a record that `_records` checked."""
-    import constriction
+    import constriction  # optional extra: video
 
     numel, levels = math.prod(record.shape), 2 ** bits - 1
     if record.coding == RAW:

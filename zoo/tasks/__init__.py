@@ -7,17 +7,15 @@ import importlib
 from pathlib import Path
 from typing import Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from zoo._io import write_atomically
 
 # Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
 DENSE_STRIDE = 32
-
-import numpy as np
-from PIL import Image
-
 # 16-bit greyscale (depth maps, medical slices, frames), which convert('RGB') would clip at 255.
 SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from pytorch_msssim import ms_ssim as _ms_ssim
 from pytorch_msssim import ssim as _ssim
 
@@ -61,8 +62,6 @@ def _fit_frame(frame: torch.Tensor, frame_size: Tuple[int, int]) -> torch.Tensor
 
 
 def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
-    from PIL import Image
-
     files = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: _natural_key(p.name))
     if not files:
@@ -76,7 +75,7 @@ def _image_arrays(folder: Path) -> Iterator[Tuple[str, np.ndarray]]:
 
 
 def _video_arrays(path: Path) -> Iterator[Tuple[str, np.ndarray]]:
-    import av
+    import av  # optional extra: video (PyAV), only for video files
 
     try:
         with av.open(str(path)) as container:
@@ -124,7 +123,7 @@ def _to_uint8(frames: torch.Tensor) -> np.ndarray:
 
 
 def _write_video(arrays: np.ndarray, path: Path, fps: int, crf: int) -> None:
-    import av
+    import av  # optional extra: video (PyAV), only for video files
 
     height, width = arrays.shape[1:3]
     if height % 2 or width % 2:
@@ -197,8 +196,6 @@ def write_frames(frames: torch.Tensor, path: PathLike, fps: int = 25, crf: int =
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return path
-    from PIL import Image
-
     staging = Path(tempfile.mkdtemp(prefix=f'.{path.name}-', dir=path.parent))
     try:
         for i, array in enumerate(arrays):

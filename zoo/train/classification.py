@@ -35,7 +35,7 @@ AUG_SCHEMA = dict(
 
 def load_image_dataset(spec: Dict[str, Any], data: Optional[str] = None):
     """The `datasets.DatasetDict` a recipe's `data` names; `data` (the --data option) overrides its location."""
-    import datasets
+    import datasets  # optional extra: train (slow to import, and needed only here)
 
     source = data or spec.get('data_dir') or spec.get('dataset')
     if not source:

@@ -142,7 +142,7 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
         target_dir = spec.get('target_dir', 'depth' if kind == 'depth' else 'masks')
         train, evaluation = (_pairs(Path(source).expanduser(), s, target_dir) for s in (train_split, eval_split))
     elif spec.get('dataset'):
-        import datasets as hf_datasets
+        import datasets as hf_datasets  # optional extra: train, only for Hub datasets
 
         splits = hf_datasets.load_dataset(spec['dataset'], cache_dir=spec.get('cache_dir'), **spec.get('load_args', {}))
         columns = spec.get('image_column', 'image'), spec.get('target_column', 'depth' if kind == 'depth' else 'label')

@@ -41,7 +41,7 @@ def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: T
     it travels down `pan` of the way from the top of the photo to the bottom. The motion is eased with a
     cosine so it starts and ends slowly, and sampling is bilinear, so the motion is sub-pixel.
     """
-    import skimage.data
+    import skimage.data  # optional extra: video, only for the demo clip
 
     if not hasattr(skimage.data, image):
         raise ValueError(f'scikit-image has no sample image {image!r}; try astronaut, chelsea, coffee, rocket')
