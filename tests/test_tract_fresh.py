@@ -5,9 +5,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo
-from zoo import tract
 from zoo.errors import RecipeError
-from zoo.train import fresh, trainer
+from zoo.train import fresh, tract, trainer
 from zoo.train.video_fitting import make_demo_clip, model_kwargs
 
 

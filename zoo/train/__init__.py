@@ -1,7 +1,8 @@
-"""Training: the one Accelerate loop (`zoo.train.trainer`) and the tasks it trains, one plug-in module each.
+"""Training: the one Accelerate loop (`zoo.train.trainer`) and what it runs, one module each.
 
-A plug-in is a `zoo.train.task.Task`: its recipe schema, data, loss, sharded evaluation and report
-(`classification`, `dense` for depth and segmentation, `video_fitting`; `fresh` chooses a video model's
-positional encoding before fitting). They live beside the loop because nothing else runs them; the metrics,
-losses and pictures they share with the command line and with users are in `zoo.tasks`.
+The task plug-ins are `zoo.train.task.Task` subclasses, each with its recipe schema, data, loss, sharded
+evaluation and report: `classification`, `dense` (depth and segmentation) and `video_fitting`. The aids a recipe
+can switch on are `fresh` (FreSh picks a video model's positional encoding before fitting) and `tract` (TrAct's
+first-layer gradient). They live beside the loop because nothing else runs them; the metrics, losses and
+pictures they share with the command line and with users are in `zoo.tasks`.
 """

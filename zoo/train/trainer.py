@@ -42,11 +42,12 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import zoo
-from zoo import hub, tract
+from zoo import hub
 from zoo._io import write_atomically
 from zoo.errors import CheckpointError, InputError, RecipeError, ZooError
 from zoo.hub import RECIPE_NAME
 from zoo.models._builder import load_state_dict_strict, sha256_file
+from zoo.train import tract
 from zoo.train.classification import Classification
 from zoo.train.dense import Depth, Segmentation
 from zoo.train.task import Task
