@@ -282,7 +282,7 @@ _VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', *_DEPTH_OPTIONS, 'prune'
 
 
 def _cmd_validate(args) -> None:
-    from zoo import validate  # optional extras: train (accelerate) and video, which validate imports
+    from zoo import validate  # optional extra: train (validate reads data with the trainer's task plug-ins)
 
     given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
     command = shlex.join(['zoo', 'validate', args.model, *(
