@@ -1,4 +1,6 @@
-"""What differs per task: outputs, losses, metrics, pre- and post-processing.
+"""What differs per task, as library code the command line, `zoo validate`, the training plug-ins
+(`zoo.train`) and users call: losses, metrics, pre- and post-processing, pictures (`depth`, `segmentation`,
+`video`), and what they share (below).
 
 Dense models say their task in a `task` attribute ('depth', 'normals', 'segmentation'); `zoo predict`
 hands them to `save_prediction`, which writes a picture a person can look at next to the input.
