@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
 from zoo import export  # noqa: E402
-from zoo.bench import count_gflops, interleaved_latencies  # noqa: E402
+from zoo.bench import interleaved_latencies  # noqa: E402
+from zoo.cards import count_gmacs  # noqa: E402
 
 MATMUL_N = 1024
 MODELS = ['unireplknet_a', 'unireplknet_t', 'spartan_tiny', 'convit_tiny', 'halonet_h0', 'hnerv_1_5m']
@@ -48,9 +49,9 @@ def sides_for(name, batch, threads, folder):
         model.fast_decode = True  # eager runs the zoo's default (fast) decode path
     x = export.random_input(eager, 1 if isinstance(eager, export.Decoder) else batch)
     if isinstance(eager, export.Decoder):
-        gflop = count_gflops(eager.model.decoder, tuple(x.shape)) / x.shape[0]
+        gflop = 2 * count_gmacs(eager.model.decoder, tuple(x.shape[1:]))
     else:
-        gflop = count_gflops(deploy, tuple(x.shape)) / x.shape[0]
+        gflop = 2 * count_gmacs(deploy, tuple(x.shape[1:]))
     onnx_path = Path(folder) / f'{name}.onnx'
     export.export(model, onnx_path, format='onnx', deploy=True, batch=x.shape[0])
     int8_path = onnx_path.with_name(f'{name}.int8.onnx')

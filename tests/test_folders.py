@@ -1,6 +1,7 @@
 """A Hub folder changes all at once or not at all: `zoo.hub.save_pretrained` killed after any single file
 operation leaves the old folder or the new one, never a mix; the next save cleans up what a killed one left.
 """
+import os
 import shutil
 import sys
 import threading
@@ -9,7 +10,7 @@ import pytest
 import timm
 import torch
 
-from zoo import hub
+from zoo import _io, hub
 from zoo._io import SAVE_PREFIX
 from zoo.errors import InputError
 
@@ -112,3 +113,19 @@ def test_save_pretrained_refuses_a_file_as_folder(tmp_path, where):
     with pytest.raises(InputError, match='which is a file' if where == 'under_file' else 'is a file'):
         hub.save_pretrained(_model(0), out)
     assert target.read_text() == 'keep me'
+
+
+def test_file_modes_follow_the_umask_without_ever_setting_it(tmp_path, monkeypatch):
+    """`os.umask` reads the umask only by setting it: a file another thread made meanwhile would be world-writable."""
+    set_umask = os.umask
+    previous = set_umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError(f'the process umask was set to {mask:o}')
+
+        monkeypatch.setattr(os, 'umask', refuse)
+        assert _io._umask() == _io._probe_umask() == 0o027
+        _io.write_atomically(tmp_path / 'f.bin', lambda f: f.write(b'x'))
+        assert (tmp_path / 'f.bin').stat().st_mode & 0o777 == 0o640
+    finally:
+        set_umask(previous)

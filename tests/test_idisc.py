@@ -12,7 +12,6 @@ from timm.models.swin_transformer import SwinTransformerBlock
 
 import zoo
 from zoo import hub
-from zoo.models import _builder
 from zoo.cards import count_gmacs
 from zoo.convert import from_official
 from zoo.models import idisc
@@ -181,17 +180,17 @@ def _official_checkpoint_from_head_case(encoder_name='resnet50'):
     return state_dict, head_args, resnet, (meta, weights, io)
 
 
-def test_pretrained_tag_converts_the_official_file_on_load(monkeypatch):
+def test_pretrained_tag_converts_the_official_file_on_load(tmp_path, monkeypatch):
     state_dict, head_args, resnet, (meta, weights, io) = _official_checkpoint_from_head_case()
-    requested = []
-
-    def fake_read(cfg, sha256=None, cache_dir=None):
-        requested.append(cfg['url'])
-        return {'state_dict': state_dict, 'file': 'nyu_resnet101.pt', 'source': cfg['url'], 'file_sha256': '0' * 64}
-
-    monkeypatch.setattr(_builder, 'read_official_weights', fake_read)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    cache = tmp_path / 'hub' / 'checkpoints'  # where timm downloads an official file to, and finds it again
+    cache.mkdir(parents=True)
+    for dataset in ('nyu', 'kitti'):
+        torch.save(state_dict, cache / f'{dataset}_resnet101.pt')
     model = timm.create_model('zoo/idisc_resnet101.nyu', pretrained=True, encoder='resnet50', **head_args).eval()
-    assert requested == ['https://dl.cv.ethz.ch/idisc/checkpoints/nyu_resnet101.pt']
+    provenance = model.zoo_weights['provenance']
+    assert provenance['source'] == 'https://dl.cv.ethz.ch/idisc/checkpoints/nyu_resnet101.pt'
+    assert (provenance['kind'], provenance['file']) == ('official', 'nyu_resnet101.pt')
     x = torch.randn(1, 3, 48, 64)
     with torch.no_grad():
         features = model.forward_features(x)

@@ -19,9 +19,24 @@ SAVE_PREFIX = '.zoo-save-'
 
 
 def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """The process umask, read without setting it: `os.umask` can only read it by changing it, and a file another
+    thread creates meanwhile would get the wrong mode."""
+    try:
+        with open('/proc/self/status') as f:  # Linux >= 4.7
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _probe_umask()
+
+
+def _probe_umask() -> int:
+    """The umask as the bits a new file asked for with mode 0o777 does not get."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, 'probe')
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o777))
+        return 0o777 & ~os.stat(probe).st_mode
 
 
 def _file_mode() -> int:

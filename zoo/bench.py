@@ -4,7 +4,6 @@ GFLOP/s as a fraction of a plain matmul measured in the same process (what this 
 `interleaved_latencies` times several sides round-robin (A, B, A, B, ...), so that load from other processes
 hits every side alike; the scripts in `benchmarks/` use it to print ratios from one run.
 """
-import copy
 import resource
 import statistics
 import sys
@@ -14,10 +13,9 @@ from typing import Callable, Dict, List, Optional
 
 import timm
 import torch
-import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import zoo
+from zoo.cards import count_gmacs
 from zoo.errors import InputError
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -73,20 +71,6 @@ def matmul_gflops(
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = interleaved_latencies({'mm': lambda: a @ b}, repeats=repeats, warmup=2, device=device, clock=clock)['mm']
     return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def count_gflops(model: nn.Module, input_shape, train: bool = False) -> float:
-    """FLOPs (conv and matmul; 2x the MACs) of one call on `input_shape`, counted on a meta-device copy.
-
-    With `train`, forward + backward is taken as 3x the forward (the backward computes the gradients of the
-    inputs and of the weights, each costing about a forward). torch's flop counter is not used for the backward
-    because it counts a grouped (e.g. depth-wise) convolution's backward as a dense one: groups times too much.
-    """
-    meta_model = copy.deepcopy(model).to('meta').train(train)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        meta_model(torch.empty(input_shape, device='meta'))
-    return counter.get_total_flops() / 1e9 * (3 if train else 1)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -190,7 +174,10 @@ def bench_model(
     if size:
         height = width = size
     input_shape = (batch, chans, height, width)
-    gflop_per_image = count_gflops(model, input_shape, train=train) / batch
+    # FLOPs are 2x the MACs. A training step is taken as 3x the forward: the backward computes the gradients of
+    # the inputs and of the weights, each about a forward (torch's counter counts a grouped convolution's
+    # backward as a dense one, groups times too much).
+    gflop_per_image = 2 * count_gmacs(model, input_shape[1:]) * (3 if train else 1)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dev, DTYPES[dtype], memory_format=memory_format).train(train)
     x = torch.randn(input_shape, device=dev, dtype=DTYPES[dtype]).contiguous(memory_format=memory_format)

@@ -31,8 +31,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
-    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one input, counted on the meta device.
+def count_gmacs(model: nn.Module, input_size: Tuple[int, ...]) -> float:
+    """Multiply-accumulates (conv and matmul, as FLOPs / 2) of one input of `input_size` (no batch dimension),
+    counted in eval mode on a meta-device copy. The one counter of the zoo: cards, `zoo info` and `zoo bench`.
 
     Models whose input is not one image (a frame index, say) define `example_inputs(device)`, returning
     the keyword arguments of one forward call.
@@ -40,13 +41,14 @@ def count_gmacs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
     meta_model = copy.deepcopy(model).to('meta').eval()
     if hasattr(meta_model, 'fast_decode'):  # the model's MACs, not the banded decode's (it recomputes halo rows)
         meta_model.fast_decode = False
+    args, kwargs = (), {}
     if hasattr(meta_model, 'example_inputs'):
-        inputs = meta_model.example_inputs(device='meta')
+        kwargs = meta_model.example_inputs(device='meta')
     else:
-        inputs = dict(x=torch.empty((1, *input_size), device='meta'))
+        args = (torch.empty((1, *input_size), device='meta'),)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        meta_model(**inputs)
+        meta_model(*args, **kwargs)
     return counter.get_total_flops() / 2e9
 
 

@@ -78,15 +78,12 @@ def _write_config(model: nn.Module, directory: Path, training: Optional[Dict[str
 
     timm >= 1.0.29 repeats `num_classes` inside `model_args`; transformers' TimmWrapper passes
     `num_classes` itself and fails on the duplicate. timm reads the top-level `num_classes`, so the
-    copy in `model_args` is dropped and the file serves both. A model's `export_model_args()`, if it has
-    one, adds the constructor arguments of state it took on after construction. `weights_record` adds
-    the provenance, the results and the weights' sha256.
+    copy in `model_args` is dropped and the file serves both. `weights_record` adds the provenance, the
+    results and the weights' sha256.
     """
     config_path = directory / CONFIG_NAME
     config = json.loads(config_path.read_text())
     config.get('model_args', {}).pop('num_classes', None)
-    if hasattr(model, 'export_model_args'):
-        config.setdefault('model_args', {}).update(model.export_model_args())
     config.update(weights_record(model, sha256_file(directory / WEIGHTS_NAME), training))
     _drop_claims_not_held(config)
     config_path.write_text(json.dumps(config, indent=2, default=str) + '\n')

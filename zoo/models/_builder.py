@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import urllib.error
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -151,34 +152,41 @@ def download_official_weights(pretrained_cfg: Dict[str, Any], cache_dir: Optiona
 def _fetch_official_weights(pretrained_cfg: Dict[str, Any], cache_dir: Optional[str] = None) -> Path:
     if pretrained_cfg.get('hf_hub_id'):
         repo_id, revision = hf_split(pretrained_cfg['hf_hub_id'])
-        if pretrained_cfg.get('hf_hub_filename'):
-            return Path(hf_hub_download(
-                repo_id, pretrained_cfg['hf_hub_filename'], revision=revision, cache_dir=cache_dir))
-        # the official repo's file name is not recorded: take its one weight file
-        folder = Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=[f'*{s}' for s in WEIGHT_SUFFIXES]))
-        files = sorted(p for p in folder.rglob('*') if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
-        safe = [p for p in files if p.suffix == '.safetensors']
-        files = safe or files
-        if len(files) != 1:
-            names = [str(p.relative_to(folder)) for p in files]
-            raise CheckpointError(
-                f'{repo_id} holds {len(files)} weight files ({", ".join(names) or "none"}); name one with '
-                "pretrained_cfg_overlay=dict(hf_hub_filename=...)")
-        return files[0]
+        filename = pretrained_cfg.get('hf_hub_filename') or official_hub_filename(pretrained_cfg, cache_dir)
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
     if pretrained_cfg.get('url'):
         return Path(download_cached_file(pretrained_cfg['url'], progress=True, cache_dir=cache_dir))
     raise CheckpointError(f'no official weights are declared for {pretrained_cfg.get("architecture")}')
 
 
-def read_official_weights(
+def official_hub_filename(pretrained_cfg: Dict[str, Any], cache_dir: Optional[str] = None) -> str:
+    """The one weight file of an official Hub repo whose file name the cfg does not record (a .safetensors one
+    first), as a path inside the repo."""
+    repo_id, revision = hf_split(pretrained_cfg['hf_hub_id'])
+    try:
+        folder = Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=[f'*{s}' for s in WEIGHT_SUFFIXES]))
+    except FETCH_ERRORS as e:
+        raise weights_unavailable(pretrained_cfg, e) from e
+    files = sorted(p for p in folder.rglob('*') if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    safe = [p for p in files if p.suffix == '.safetensors']
+    names = [p.relative_to(folder).as_posix() for p in safe or files]
+    if len(names) != 1:
+        raise CheckpointError(
+            f'{repo_id} holds {len(names)} weight files ({", ".join(names) or "none"}); name one with '
+            "pretrained_cfg_overlay=dict(hf_hub_filename=...)")
+    return names[0]
+
+
+def check_official_weights(
         pretrained_cfg: Dict[str, Any],
         sha256: Optional[str] = None,
         cache_dir: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Download an official checkpoint, verify it (when a sha256 is recorded) and read it with `weights_only=True`.
+    """Fetch an official checkpoint into the cache timm loads it from, and check it before timm does: its sha256
+    (when one is recorded), and that it holds nothing but tensors and plain containers.
 
-    The model's provenance gets the file's name, where it came from and its sha256 (under the key `official_file`).
+    Returns the provenance of the file (`file`, `source`, `file_sha256`) and its `path`.
     """
     path = download_official_weights(pretrained_cfg, cache_dir)
     actual = sha256_file(path)
@@ -186,9 +194,23 @@ def read_official_weights(
         raise CheckpointError(
             f'{path} has sha256 {actual}, but {sha256} is recorded for it: the download is corrupt or the '
             'file changed upstream. Delete it from the cache and try again')
-    state_dict = read_checkpoint(path)
-    return {'state_dict': state_dict, 'file': path.name, 'source': weights_location(pretrained_cfg),
-            'file_sha256': actual}
+    _check_tensors_only(path)
+    return {'path': path, 'file': path.name, 'source': weights_location(pretrained_cfg), 'file_sha256': actual}
+
+
+def _check_tensors_only(path: Path) -> None:
+    """Refuse a pickled checkpoint that names any global `torch.load(weights_only=True)` does not allow, before
+    anything is unpickled (a .safetensors file holds only tensors)."""
+    if path.suffix == '.safetensors' or not zipfile.is_zipfile(path):  # a legacy pickle: weights_only refuses it
+        return
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # torch raises RuntimeError or pickle errors for a damaged archive
+        raise CheckpointError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt: {e})') from e
+    if unsafe:
+        raise CheckpointError(
+            f'{path} holds objects other than tensors and plain containers ({", ".join(unsafe[:3])}). The zoo reads '
+            'checkpoints with weights_only=True and never unpickles arbitrary objects')
 
 
 def build_zoo_model(
@@ -198,15 +220,15 @@ def build_zoo_model(
         weight_sha256: Optional[Dict[str, str]] = None,
         **kwargs,
 ) -> nn.Module:
-    """timm's `build_model_with_cfg`, plus weights in an official (non-timm) layout, checked Hub folders and
-    a record of what the weights are.
+    """timm's `build_model_with_cfg`, with official weights and Hub folders checked before timm loads them, and a
+    record of what the weights are.
 
-    A pretrained cfg with `source='official'` names the authors' file (`hf_hub_id` [+ `hf_hub_filename`],
-    `url`, or a local `file` given with `pretrained_cfg_overlay`); it is read, checked against
-    `weight_sha256['arch.tag']` when recorded, passed through the family's `checkpoint_filter_fn` and loaded
-    strictly. A Hub folder (`local-dir:` / `hf-hub:`) whose config.json records `weights_sha256` is read once,
-    checked, and loaded from memory. Everything else is timm's own path; a failed fetch raises
-    `WeightsUnavailableError`.
+    Weights load through timm's `load_pretrained` (which adapts num_classes and in_chans, and runs before a
+    `features_only` wrap) and the family's `checkpoint_filter_fn`, strictly. A pretrained cfg with
+    `source='official'` names the authors' file (`url`, `hf_hub_id` [+ `hf_hub_filename`], or a local `file`
+    given with `pretrained_cfg_overlay`): it is fetched into timm's cache and checked against
+    `weight_sha256['arch.tag']` when recorded. A Hub folder (`local-dir:` / `hf-hub:`) whose config.json records
+    `weights_sha256` has its model.safetensors checked. A failed fetch raises `WeightsUnavailableError`.
     """
     check_model_args(variant, kwargs)
     pretrained_cfg = resolve_pretrained_cfg(
@@ -214,36 +236,33 @@ def build_zoo_model(
         pretrained_cfg=kwargs.pop('pretrained_cfg', None),
         pretrained_cfg_overlay=kwargs.pop('pretrained_cfg_overlay', None),
     )
-    source = pretrained_cfg.source
     folder = {}
-    if pretrained and source == OFFICIAL_SOURCE:
-        # Loaded by timm's own `load_pretrained` inside `build_model_with_cfg`: it adapts num_classes / in_chans
-        # and runs before a `features_only` wrap (loading into the wrapped model afterwards fails). The state
-        # dict reaches it through the filter fn, not the cfg, which timm copies (deeply, via asdict) onto the model.
+    if pretrained and pretrained_cfg.source == OFFICIAL_SOURCE:
+        if pretrained_cfg.hf_hub_id and not (pretrained_cfg.hf_hub_filename or pretrained_cfg.file):
+            filename = official_hub_filename(pretrained_cfg.to_dict(), kwargs.get('cache_dir'))
+            pretrained_cfg = dataclasses.replace(pretrained_cfg, hf_hub_filename=filename)
         tag_name = f'{pretrained_cfg.architecture}.{pretrained_cfg.tag}'
-        official = read_official_weights(
+        official = check_official_weights(
             pretrained_cfg.to_dict(), sha256=(weight_sha256 or {}).get(tag_name), cache_dir=kwargs.get('cache_dir'))
-        state_dict = official.pop('state_dict')
+        path = official.pop('path')
+        if pretrained_cfg.file:
+            # timm's own reader of a `file` keeps one entry of a checkpoint dict (EMA weights first) and drops the
+            # rest (an HNeRV release's frame embeddings): the file is read whole and given to timm as a state dict.
+            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=read_checkpoint(path))
         provenance = {'kind': 'official', 'tag': pretrained_cfg.tag, **official}
-    elif pretrained and source in FOLDER_SOURCES:
-        # A folder written by the zoo records its weights' sha256: they are read and checked here. One without
-        # the record (written by timm, say) is loaded by timm as before.
-        location = pretrained_cfg.file if source == 'local-dir' else pretrained_cfg.hf_hub_id
+    elif pretrained and pretrained_cfg.source in FOLDER_SOURCES:
+        # A folder written by the zoo records its weights' sha256. One without the record (written by timm, say)
+        # loads as timm loads it.
+        location = pretrained_cfg.file if pretrained_cfg.source == 'local-dir' else pretrained_cfg.hf_hub_id
         folder = read_folder_config(location, cache_dir=kwargs.get('cache_dir'))
-        state_dict = None
         if folder.get('weights_sha256'):
-            state_dict = read_folder_weights(location, folder, cache_dir=kwargs.get('cache_dir'))
+            weights_path = folder_file(location, WEIGHTS_NAME, None, kwargs.get('cache_dir'))
+            check_weights_sha256(sha256_file(weights_path), folder['weights_sha256'], weights_path)
         provenance = folder.get('provenance') or {'kind': 'unknown'}
     elif pretrained and pretrained_cfg.has_weights:
-        state_dict = None
         provenance = {'kind': 'timm', 'tag': pretrained_cfg.tag, 'source': weights_location(pretrained_cfg.to_dict())}
     else:
-        state_dict = None
         provenance = random_provenance(kwargs)
-    if state_dict is not None:
-        filter_fn = kwargs['pretrained_filter_fn']
-        kwargs['pretrained_filter_fn'] = lambda _placeholder, model: filter_fn(state_dict, model)
-        pretrained_cfg = dataclasses.replace(pretrained_cfg, source=OFFICIAL_SOURCE, state_dict={OFFICIAL_SOURCE: True})
     try:
         model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
     except FETCH_ERRORS as e:
@@ -253,14 +272,24 @@ def build_zoo_model(
             f'could not fetch the pretrained encoder weights of {variant} through timm: {_first_line(e)}. Fetch them '
             'once online (then HF_HUB_OFFLINE=1 uses the cache), or build without them (--random, '
             'pretrained=False)') from e
-    if state_dict is not None:
-        model.pretrained_cfg.pop('state_dict', None)
-        model.pretrained_cfg['source'] = source
+    model.pretrained_cfg.pop('state_dict', None)  # the weights are in the model now, not kept twice
     if pretrained and provenance['kind'] in ('official', 'timm'):
         classes = pretrained_cfg.num_classes
         if classes and getattr(model, 'num_classes', classes) != classes:
             provenance['classifier'] = f'new, randomly initialised ({model.num_classes} classes, not {classes})'
     record_weights(model, provenance, folder.get('results', []))
+    return model
+
+
+def build_video_model(model_cls: Callable[..., nn.Module], variant: str, pretrained: bool = False,
+                      **kwargs) -> nn.Module:
+    """`build_zoo_model` for a per-video representation (HNeRV, NeRV, NeRV++): it takes no num_classes,
+    global_pool or in_chans, and its pretrained cfg's input size is the frame size it was built for."""
+    model = build_zoo_model(
+        model_cls, variant, pretrained, kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
+    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
+    return model
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # What the weights are: provenance and fingerprint
@@ -324,9 +353,9 @@ def holds_tagged_weights(provenance: Dict[str, Any], tag: Optional[str]) -> bool
 # Reading Hub folders
 
 
-def check_weights_sha256(data: bytes, expected: Optional[str], where: Union[str, Path]) -> str:
-    """sha256 of `data`; a CheckpointError naming both digests when config.json records another."""
-    actual = hashlib.sha256(data).hexdigest()
+def check_weights_sha256(actual: str, expected: Optional[str], where: Union[str, Path]) -> str:
+    """`actual`, the sha256 of a folder's weights; a CheckpointError naming both digests when config.json records
+    another."""
     if expected and actual != expected:
         raise CheckpointError(
             f'{where} has sha256 {actual}, but its config.json records weights_sha256 {expected}: the file is '
@@ -373,7 +402,7 @@ def read_folder_weights(location: Union[str, Path], config: Dict[str, Any], revi
     records one) before any tensor is made from it."""
     weights_path = folder_file(location, WEIGHTS_NAME, revision, cache_dir)
     data = weights_path.read_bytes()
-    check_weights_sha256(data, config.get('weights_sha256'), weights_path)
+    check_weights_sha256(hashlib.sha256(data).hexdigest(), config.get('weights_sha256'), weights_path)
     try:
         return dict(sorted(safetensors.torch.load(data).items()))  # in key order, as `load_file` gives them
     except (SafetensorError, OSError, ValueError) as e:

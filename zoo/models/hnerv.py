@@ -26,12 +26,13 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d, trunc_normal_
 from timm.models import register_model
+from timm.models._input import update_model_args
 from timm.models.convnext import ConvNeXtBlock
 
 from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock, act_layer_from_official, check_frame_index, check_frame_size, check_positive
 from zoo.metadata import paper, zoo_cfgs
-from zoo.models._builder import build_zoo_model, load_state_dict_strict, mark_official, read_checkpoint
+from zoo.models._builder import build_video_model, load_state_dict_strict, mark_official, read_checkpoint
 
 __all__ = ['HNeRV', 'hnerv_fc_dim', 'load_quantized_release', 'dequantize_tensor']
 
@@ -349,10 +350,6 @@ class HNeRV(nn.Module):
         embeddings, which a bitstream keeps as its own section)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(('encoder.', 'frame_embeddings'))}
 
-    def export_model_args(self) -> Dict[str, int]:
-        """Constructor arguments a Hub folder must add to timm's (zoo.hub.save_pretrained reads this)."""
-        return {'stored_frames': len(self.frame_embeddings)} if hasattr(self, 'frame_embeddings') else {}
-
     def load_decoder_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load `decoder_state_dict()`-keyed tensors, all of them or nothing."""
         stray = [k for k in state_dict if not k.startswith('decoder.')]
@@ -409,6 +406,7 @@ def _dequantize_release(checkpoint: Dict[str, Any], model: HNeRV) -> Dict[str, t
             f'{model.embed_shape}: build it with the frame size and strides the release was made with')
     if getattr(model, 'frame_embeddings', torch.empty(0)).shape != embeddings.shape:
         model.register_buffer('frame_embeddings', torch.zeros_like(embeddings))  # the strict load fills it
+        update_model_args(model, stored_frames=len(embeddings))  # a Hub folder of the model rebuilds the buffer
     state_dict = _rename_official(state_dict)
     state_dict.update({k: v for k, v in model.state_dict().items() if k.startswith('encoder.')})
     state_dict['frame_embeddings'] = embeddings
@@ -539,11 +537,8 @@ def create_from_official(**official_kwargs) -> HNeRV:
 
 
 def _create_hnerv(variant: str, pretrained: bool = False, **kwargs) -> HNeRV:
-    model = build_zoo_model(
-        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256,
-        kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
-    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
-    return model
+    return build_video_model(
+        HNeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, weight_sha256=WEIGHT_SHA256, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:

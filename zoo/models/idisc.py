@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ConvNormAct, Mlp
 from timm.models import register_model, resolve_pretrained_cfg
+from timm.models._input import update_model_args
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 
 from zoo.layers import MSDeformAttn, check_image_input, multi_scale_reference_points, takes_device_dtype
@@ -627,7 +628,7 @@ def _create_idisc(variant: str, pretrained: bool = False, **kwargs) -> IDisc:
     setting_args = SETTINGS.get(cfg.tag, SETTINGS['nyu'])
     model = build_zoo_model(
         IDisc, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **{**setting_args, **kwargs})
-    model._model_args = dict(setting_args)  # exported to config.json, so a saved KITTI model reloads as one
+    update_model_args(model, **setting_args)  # written to config.json, so a saved KITTI model reloads as one
     return model
 
 

@@ -23,7 +23,7 @@ from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import (
     NeRVBlock, NeRVPositionalEncoding, act_layer_from_official, check_frame_index, check_frame_size, check_positive)
 from zoo.metadata import paper, zoo_cfgs
-from zoo.models._builder import build_zoo_model, load_state_dict_strict
+from zoo.models._builder import build_video_model, load_state_dict_strict
 
 __all__ = ['NeRV']
 
@@ -247,11 +247,7 @@ def create_from_official(**official_kwargs) -> NeRV:
 
 
 def _create_nerv(variant: str, pretrained: bool = False, **kwargs) -> NeRV:
-    model = build_zoo_model(
-        NeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
-    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
-    return model
+    return build_video_model(NeRV, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:

@@ -26,7 +26,7 @@ from timm.models.mambaout import GatedConvBlock
 from zoo.layers import takes_device_dtype
 from zoo.layers.nerv import NeRVBlock
 from zoo.metadata import zoo_cfgs
-from zoo.models._builder import build_zoo_model
+from zoo.models._builder import build_video_model
 from zoo.models.nerv import NeRV, model_args_from_official as _nerv_args_from_official, rename_official_keys
 
 __all__ = ['NeRVPlusPlus']
@@ -196,11 +196,7 @@ def create_from_official(**official_kwargs) -> NeRVPlusPlus:
 
 
 def _create_nervpp(variant: str, pretrained: bool = False, **kwargs) -> NeRVPlusPlus:
-    model = build_zoo_model(
-        NeRVPlusPlus, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        kwargs_filter=('num_classes', 'global_pool', 'in_chans'), **kwargs)
-    model.pretrained_cfg['input_size'] = (3, *model.frame_size)
-    return model
+    return build_video_model(NeRVPlusPlus, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:
