@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import timm
 import torch
 
+from zoo import codec
 from zoo.tasks import video
 
 _NERV = dict(frame_size=[64, 96], num_frames=4, strides=[4, 2, 2], pe_levels=8, stem_dim=32, fc_dim=16, lower_width=8)
@@ -81,7 +82,7 @@ def seed_bitstreams(folder: Path) -> List[bytes]:
                         v.copy_(torch.distributions.Laplace(0.0, 0.1).sample(v.shape))
             frames = torch.rand(4, 3, 64, 96) if model.stored_embeddings else None
             path = folder / f'{name}-{bits}-{laplace}.zvid'
-            video.compress(model, path, frames, bits=bits)
+            codec.compress(model, path, frames, bits=bits)
             blobs.append(path.read_bytes())
             path.unlink()
     return blobs
@@ -92,9 +93,9 @@ def split(blob: bytes) -> Tuple[dict, bytes]:
     return json.loads(blob[_PREFIX.size:_PREFIX.size + header_len]), blob[_PREFIX.size + header_len:-4]
 
 
-def join(header: dict, payload: bytes, version: int = video.VERSION) -> bytes:
+def join(header: dict, payload: bytes, version: int = codec.VERSION) -> bytes:
     body = json.dumps(header, separators=(',', ':')).encode()
-    return with_crc(_PREFIX.pack(video.MAGIC, version, len(body)) + body + payload)
+    return with_crc(_PREFIX.pack(codec.MAGIC, version, len(body)) + body + payload)
 
 
 def with_crc(body: bytes) -> bytes:
@@ -110,7 +111,7 @@ def _record_offsets(header: dict, payload: bytes) -> List[int]:
         numel = 1
         for d in shape:
             numel *= d
-        offset += 9 + (numel * (1 if bits <= 8 else 2) if coding == video.RAW else
+        offset += 9 + (numel * (1 if bits <= 8 else 2) if coding == codec.RAW else
                        4 + 2 * 2 ** bits + 4 * struct.unpack_from('<I', payload, offset + 9)[0])
     return offsets
 
@@ -175,7 +176,7 @@ def mutate_record(blob: bytes, rng: random.Random) -> bytes:
                          rng.choice([float('nan'), float('inf'), -float('inf'), 3e38, -3e38, -1.0, 0.0, 1e-30]))
     elif field == 2:
         payload[offset + 8] = rng.choice([0, 1, 2, 255])
-    elif payload[offset + 8] == video.CATEGORICAL:
+    elif payload[offset + 8] == codec.CATEGORICAL:
         words = struct.unpack_from('<I', payload, offset + 9)[0]
         struct.pack_into('<I', payload, offset + 9, rng.choice([0, 1, words - 1, words + 1, 2 ** 32 - 1]) % 2 ** 32)
     else:
@@ -255,10 +256,10 @@ def run(seeds: List[bytes], count: int, seed: int, folder: Path,
         try:
             with network_blocked():
                 video.check_frames_path(out)
-                video.write_frames(video.decode_video(case), out)  # what zoo decode runs
+                video.write_frames(codec.decode_video(case), out)  # what zoo decode runs
             outcome = 'decoded'
             expected = dict(_snapshot(folder), **{'case.zvid': expected['case.zvid']})
-        except video.BitstreamError as e:
+        except codec.BitstreamError as e:
             outcome, message = 'BitstreamError', str(e)
             if '\n' in message:
                 outcome = 'BitstreamError of more than one line'

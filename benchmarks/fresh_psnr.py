@@ -1,9 +1,9 @@
 """FreSh against the recipe's positional encoding: PSNR after a fixed short fit, NeRV and NeRV++.
 
 For each clip and model, the recipe's encoding (NeRV / NeRV++ Bunny recipes: base 1.25, 40 levels) and the one
-FreSh chooses (zoo.tasks.fresh.choose_encoding) are fitted with the same seed, optimiser and number of steps, and
+FreSh chooses (zoo.train.fresh.choose_encoding) are fitted with the same seed, optimiser and number of steps, and
 the per-frame-mean PSNR of the whole clip is printed as a markdown table. Clips are made from scikit-image photos
-(zoo.tasks.video_fitting.make_demo_clip): `astronaut` as the README demo (hnerv_demo.yaml), and a second scene.
+(zoo.train.video_fitting.make_demo_clip): `astronaut` as the README demo (hnerv_demo.yaml), and a second scene.
 
     python benchmarks/fresh_psnr.py --steps 300 --threads 1 [--clips astronaut coffee]
 """
@@ -13,9 +13,9 @@ import time
 import torch
 
 import zoo
-from zoo.tasks import fresh
+from zoo.train import fresh
 from zoo.tasks.video import fitting_loss, psnr
-from zoo.tasks.video_fitting import make_demo_clip
+from zoo.train.video_fitting import make_demo_clip
 
 CLIPS = {
     'astronaut': dict(image='astronaut', num_frames=16, pan=0.3, zoom=0.15),

@@ -214,7 +214,7 @@ def markdown(result) -> str:
         if r['section'] == 'trainer':
             lines += ['', f'Trainer ({r["model"]}, {r["size"]} px, batch {r["batch"]}): ' + (
                 f'skipped ({r["skipped"]})' if 'skipped' in r else
-                f'zoo.trainer {r["trainer_step_ms"]:.1f} ms/step, bare loop {r["bare_step_ms"]:.1f} ms/step '
+                f'zoo.train.trainer {r["trainer_step_ms"]:.1f} ms/step, bare loop {r["bare_step_ms"]:.1f} ms/step '
                 f'({100 * r["overhead"]:+.1f}%)')]
     return '\n'.join(lines) + '\n'
 

@@ -2,7 +2,7 @@
 
 SpaRTAN-T (the registered spartan_tiny, narrowed to dims 16-32-64-64 with one block per stage so that it trains on a
 CPU) learns the 1,797 8x8 digits, upsampled to 32x32 and repeated to RGB, 80/20 stratified split. Each seed trains
-twice with the same initialisation and batch order: plain AdamW, and AdamW with TrAct (zoo.tract, lambda 0.1) on
+twice with the same initialisation and batch order: plain AdamW, and AdamW with TrAct (zoo.train.tract, lambda 0.1) on
 the stem conv. Printed: epochs (and seconds) until the validation accuracy first reaches --target, per seed, then
 the median and range, as markdown.
 
@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import zoo
-from zoo import tract
+from zoo.train import tract
 
 MODEL_ARGS = dict(dims=(16, 32, 64, 64), depths=(1, 1, 1, 1), num_classes=10)
 

@@ -1,7 +1,7 @@
-"""The trainer's cost: step time of `zoo.trainer` against a bare PyTorch loop, and grad checkpointing's memory.
+"""The trainer's cost: step time of `zoo.train.trainer` against a bare PyTorch loop, and grad checkpointing's memory.
 
 Step time: the same model, batch, optimizer (timm AdamW) and per-step cosine schedule, on in-memory random
-images, run through `zoo.trainer.train` (Accelerate, progress bar, checkpoint bookkeeping) and through a plain
+images, run through `zoo.train.trainer.train` (Accelerate, progress bar, checkpoint bookkeeping) and through a plain
 `for` loop. Each side runs twice, with `--steps` and with 2x`--steps` steps, and the step time is the difference
 divided by the extra steps, so set-up, evaluation and saving cancel out. Sides alternate over `--repeats`
 rounds; medians are reported.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import zoo  # noqa: E402
-from zoo import trainer  # noqa: E402
-from zoo.tasks.base import Task  # noqa: E402
+from zoo.train import trainer  # noqa: E402
+from zoo.train.task import Task  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 from timm.scheduler import create_scheduler_v2  # noqa: E402
 
@@ -38,7 +38,7 @@ NUM_CLASSES = 10
 
 
 class SyntheticTask(Task):
-    """A task for zoo.trainer over in-memory random images, evaluated by nothing (the step time is measured)."""
+    """A task for zoo.train.trainer over in-memory random images, evaluated by nothing (the step time is measured)."""
     data_schema = dict(size=(int,), samples=(int,))
     separate_eval_split = False
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from zoo import trainer
+from zoo.train import trainer
 from zoo.errors import CheckpointError
 from zoo.models._builder import sha256_file
 

@@ -54,12 +54,10 @@ def test_names_take_the_zoo_prefix_as_timm_create_model_does(capsys):
 
 
 def test_reproduce_downloads_a_repo_of_an_org_called_zoo_by_its_own_name(capsys, monkeypatch):
-    import huggingface_hub
-
     def refuse(repo_id, **kwargs):
         raise ValueError(f'asked for {repo_id}')
 
-    monkeypatch.setattr(huggingface_hub, 'snapshot_download', refuse)
+    monkeypatch.setattr(cli, 'snapshot_download', refuse)
     code, _, err = run(capsys, 'reproduce', 'Zoo/My-Trained-Run')
     assert code == 2 and 'asked for Zoo/My-Trained-Run' in err
 

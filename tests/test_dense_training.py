@@ -7,9 +7,10 @@ import torch
 from accelerate import Accelerator
 from PIL import Image
 
-from zoo import hub, trainer
+from zoo import hub
 from zoo.errors import InputError
-from zoo.tasks.dense import PairedImages
+from zoo.train import trainer
+from zoo.train.dense import PairedImages
 
 # A tiny ×Net (timm's test ConvNeXt encoder x ConvNeXt-atto decoder) keeps each run to seconds.
 TINY = dict(encoder='test_convnext', decoder='convnext_atto')
@@ -74,7 +75,7 @@ def test_a_hub_dataset_gives_the_samples_the_paired_folders_give(tmp_path):
     """`data.dataset` (a Hub id or a local folder, read by `datasets.load_dataset`) yields the same tensors."""
     import datasets as hf_datasets
     import timm
-    from zoo.tasks import dense
+    from zoo.train import dense
 
     folders = _write_pairs(tmp_path / 'data', 'masks', count=2)
     parquet = tmp_path / 'parquet'
@@ -99,7 +100,7 @@ def test_a_hub_dataset_gives_the_samples_the_paired_folders_give(tmp_path):
 
 def test_reduce_zero_label_ignores_label_0_and_scores_every_other_class(tmp_path):
     """ADE20K's setting (mmseg's reduce_zero_label): label 0 is ignored, 1..K become the K classes 0..K-1."""
-    from zoo.tasks import dense
+    from zoo.train import dense
 
     data = _write_pairs(tmp_path / 'data', 'masks', count=1)
     pair = (data / 'validation' / 'images' / '000.png', data / 'validation' / 'masks' / '000.png')

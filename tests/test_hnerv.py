@@ -207,8 +207,7 @@ def test_quantized_release_dequantizes_into_a_model_and_embeddings(tmp_path):
 
 def test_a_release_saved_as_a_hub_folder_keeps_its_embeddings(tmp_path):
     """The release has no encoder, so its embeddings are the video: they travel with the Hub folder."""
-    from zoo import hub
-    from zoo.tasks import video
+    from zoo import codec, hub
 
     meta, weights, io = load_case('hnerv_convnext_80x160')
     reference = from_official('hnerv', weights, frame_size=(80, 160), **meta['constructor_kwargs'])
@@ -220,7 +219,7 @@ def test_a_release_saved_as_a_hub_folder_keeps_its_embeddings(tmp_path):
     assert torch.equal(reloaded.frame_embeddings, embeddings)
     with torch.no_grad():
         assert torch.equal(reloaded.decode(reloaded.frame_embeddings), model.decode(embeddings))
-    result = video.compress(reloaded, tmp_path / 'bunny.zvid')  # no frames needed: the embeddings are stored
+    result = codec.compress(reloaded, tmp_path / 'bunny.zvid')  # no frames needed: the embeddings are stored
     assert result['frames'] == len(embeddings) and result['embedding_bytes'] > 0
 
 

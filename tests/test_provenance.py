@@ -21,10 +21,11 @@ import torch
 from huggingface_hub import ModelCard
 
 import zoo
-from zoo import hub, trainer
+from zoo import hub
 from zoo.errors import CheckpointError, WeightsUnavailableError
 from zoo.models import hnerv, spartan
 from zoo.models._builder import sha256_file
+from zoo.train import trainer
 from official_layout import load_manifest, quantized_bunny_release, to_official_layout
 
 REPO = Path(__file__).resolve().parent.parent

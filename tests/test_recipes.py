@@ -8,8 +8,8 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import zoo
-from zoo import trainer
-from zoo.tasks.classification import _MIX_KEYS
+from zoo.train import trainer
+from zoo.train.classification import _MIX_KEYS
 from zoo.tasks.depth import EVAL_SETTINGS
 from zoo.tasks.video import fitting_loss
 
@@ -37,7 +37,7 @@ def test_recipe_builds(path):
         fitting_loss(recipe.get('loss', 'l2'))
     with torch.device('meta'):
         model = zoo.create_model(recipe['model'], **model_args)
-    # As zoo.trainer.train builds them: an lr_groups prefix that names no parameter raises here.
+    # As zoo.train.trainer.train builds them: an lr_groups prefix that names no parameter raises here.
     optimizer, _, num_epochs = trainer.build_optimizer(cfg, model, updates_per_epoch=10)
     if cfg['lr_groups']:
         lrs = {round(cfg['lr'] * g['lr_scale'], 12) for g in optimizer.param_groups}

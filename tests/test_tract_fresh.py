@@ -5,10 +5,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo
-from zoo import tract, trainer
 from zoo.errors import RecipeError
-from zoo.tasks import fresh
-from zoo.tasks.video_fitting import make_demo_clip, model_kwargs
+from zoo.train import fresh, tract, trainer
+from zoo.train.video_fitting import make_demo_clip, model_kwargs
 
 
 pytestmark = pytest.mark.usefixtures('one_thread')

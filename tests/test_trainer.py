@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import zoo
-from zoo import cli, hub, trainer
+from zoo import cli, hub
+from zoo.train import trainer
 from zoo.hub import load as load_from_hub  # the `hub` fixture shadows the module in tests that use it
 from zoo.models._builder import sha256_file
 

@@ -15,11 +15,12 @@ from PIL import Image
 import zoo
 from zoo import cli, hub
 from zoo import validate as validation
+from zoo.codec import decode_video
 from zoo.errors import InputError
 from zoo.models._builder import record_weights, sha256_file
 from zoo.models.spartan import SpaRTAN
 from zoo.models.timesnet import TimesNet
-from zoo.tasks.video import decode_video, read_frames, write_frames
+from zoo.tasks.video import read_frames, write_frames
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])  # the models' data config
 TINY_XNET = dict(encoder='test_convnext', decoder='convnext_atto')

@@ -10,10 +10,10 @@ import timm
 import torch
 from PIL import Image
 
-from zoo import trainer
+from zoo.train import trainer
 from zoo.cli import main
 from zoo.tasks.video import psnr, read_frames, write_frames
-from zoo.tasks.video_fitting import make_demo_clip, side_by_side
+from zoo.train.video_fitting import make_demo_clip, side_by_side
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / 'training' / 'recipes' / 'hnerv_demo.yaml'
@@ -100,14 +100,14 @@ def test_unreachable_frame_size_is_refused_with_the_sizes_that_work(tmp_path):
 def test_a_frame_folder_sets_the_frame_count(tmp_path):
     write_frames(make_demo_clip(num_frames=6, frame_size=(48, 96)), tmp_path / 'frames')
     recipe = trainer.load_recipe(DEMO_RECIPE, SHORT)
-    from zoo.tasks.video_fitting import model_kwargs
+    from zoo.train.video_fitting import model_kwargs
 
     kwargs = model_kwargs(recipe, str(tmp_path / 'frames'))
     assert kwargs['num_frames'] == 6 and kwargs['frame_size'] == (48, 96)
 
 
 def test_inpainting_mask_has_the_papers_five_boxes():
-    from zoo.tasks.video_fitting import inpainting_mask
+    from zoo.train.video_fitting import inpainting_mask
 
     mask = inpainting_mask((96, 192), 10)
     assert mask.shape == (1, 96, 192) and (mask == 0).sum() == 5 * 10 * 10
@@ -121,7 +121,7 @@ def test_inpainting_never_sees_the_hidden_pixels(tmp_path):
     loss sees the hidden pixels."""
     from safetensors.torch import load_file
 
-    from zoo.tasks.video_fitting import inpainting_mask
+    from zoo.train.video_fitting import inpainting_mask
 
     clip = make_demo_clip(num_frames=4, frame_size=(48, 96))
     hidden = 1 - inpainting_mask((48, 96), 12)

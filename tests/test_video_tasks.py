@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from zoo import cli
+from zoo import cli, codec
 from zoo.tasks import video
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'metrics'
@@ -223,10 +223,10 @@ def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, name):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     frames = smooth_frames(h=64, w=96)
     path = tmp_path / 'video.zvid'
-    result = video.compress(model, path, frames)
+    result = codec.compress(model, path, frames)
     assert model.training, 'compress leaves the model in the mode it was in'
     model.eval()
-    decoded = video.decode_video(path)
+    decoded = codec.decode_video(path)
     torch.testing.assert_close(decoded, reference_decode(model, frames), atol=1e-6, rtol=0)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model is untouched
     assert result['bytes'] == path.stat().st_size
@@ -235,20 +235,20 @@ def test_compress_decodes_to_the_models_own_dequantised_output(tmp_path, name):
     assert (result['embedding_bytes'] > 0) == model.stored_embeddings
     assert result['psnr'] == pytest.approx(video.psnr(decoded, frames).mean().item(), abs=1e-4)
     assert result['ms_ssim'] is None  # 64 px frames are too small for five scales
-    rebuilt, embeddings = video.decompress(path)
+    rebuilt, embeddings = codec.decompress(path)
     assert rebuilt.frame_size == (64, 96) and embeddings.shape[0] == 4
 
 
 @pytest.mark.parametrize('bits', [2, 12, 16])
 def test_other_bit_widths_round_trip(tmp_path, bits):
     model = tiny_model('nerv_s')
-    result = video.compress(model, tmp_path / 'video.zvid', prune=0.2, bits=bits)
-    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'),
+    result = codec.compress(model, tmp_path / 'video.zvid', prune=0.2, bits=bits)
+    torch.testing.assert_close(codec.decode_video(tmp_path / 'video.zvid'),
                                reference_decode(model, None, prune=0.2, bits=bits), atol=1e-6, rtol=0)
     values = sum(v.numel() for v in model.decoder_state_dict().values())
     assert result['decoder_bytes'] <= values * (1 if bits <= 8 else 2) + 16 * len(model.decoder_state_dict())
-    video.compress(model, tmp_path / 'unpruned.zvid', prune=0.0, bits=bits)
-    decoded, _ = video.decompress(tmp_path / 'unpruned.zvid')
+    codec.compress(model, tmp_path / 'unpruned.zvid', prune=0.0, bits=bits)
+    decoded, _ = codec.decompress(tmp_path / 'unpruned.zvid')
     for key, weight in model.decoder_state_dict().items():  # every value within half a quantisation step
         step = (weight.max() - weight.min()) / (2 ** bits - 1)
         error = (decoded.decoder_state_dict()[key] - weight).abs().max()
@@ -263,11 +263,11 @@ def test_compress_writes_the_embeddings_a_release_carries(tmp_path):
         model.register_buffer('frame_embeddings', model.encode(frames=frames), persistent=False)
     for p in model.encoder.parameters():
         p.data.normal_()  # the release's encoder is not the one that made the embeddings
-    video.compress(model, tmp_path / 'video.zvid')
+    codec.compress(model, tmp_path / 'video.zvid')
     expected = reference_decode(tiny_model('hnerv_0_35m'), frames)
-    torch.testing.assert_close(video.decode_video(tmp_path / 'video.zvid'), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(codec.decode_video(tmp_path / 'video.zvid'), expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match='has 4 frame embeddings; got 2 frames'):
-        video.compress(model, tmp_path / 'other.zvid', frames[:2])
+        codec.compress(model, tmp_path / 'other.zvid', frames[:2])
 
 
 def test_entropy_coding_beats_the_raw_symbols(tmp_path):
@@ -276,7 +276,7 @@ def test_entropy_coding_beats_the_raw_symbols(tmp_path):
         for v in model.decoder_state_dict().values():
             # trained weights are peaked with long tails: most symbols sit near the middle of the range
             v.copy_(torch.distributions.Laplace(0.0, 1.0).sample(v.shape))
-    result = video.compress(model, tmp_path / 'video.zvid', prune=0.0)
+    result = codec.compress(model, tmp_path / 'video.zvid', prune=0.0)
     values = sum(v.numel() for v in model.decoder_state_dict().values())
     assert result['decoder_bytes'] * 8 / values < 7.0  # raw 8-bit symbols would cost 8 bits
 
@@ -284,19 +284,19 @@ def test_entropy_coding_beats_the_raw_symbols(tmp_path):
 def test_ms_ssim_is_reported_for_frames_above_160_px(tmp_path):
     model = tiny_model('hnerv_0_35m', frame_size=(176, 176))
     frames = smooth_frames(t=2, h=176, w=176)
-    result = video.compress(model, tmp_path / 'video.zvid', frames, bits=6)
-    decoded = video.decode_video(tmp_path / 'video.zvid')
+    result = codec.compress(model, tmp_path / 'video.zvid', frames, bits=6)
+    decoded = codec.decode_video(tmp_path / 'video.zvid')
     assert result['ms_ssim'] == pytest.approx(video.ms_ssim(decoded, frames).mean().item(), abs=1e-5)
 
 
 def test_compress_refuses_what_it_cannot_encode(tmp_path):
     model = tiny_model('hnerv_0_35m')
     with pytest.raises(ValueError, match='pass the frames .or their embeddings.'):
-        video.compress(model, tmp_path / 'a.zvid')
+        codec.compress(model, tmp_path / 'a.zvid')
     with pytest.raises(ValueError, match='built for 64x96 frames'):
-        video.compress(model, tmp_path / 'a.zvid', torch.rand(2, 3, 32, 48))
+        codec.compress(model, tmp_path / 'a.zvid', torch.rand(2, 3, 32, 48))
     with pytest.raises(ValueError, match='represents 4 frames'):
-        video.compress(tiny_model('nerv_s'), tmp_path / 'a.zvid', torch.rand(3, 3, 64, 96))
+        codec.compress(tiny_model('nerv_s'), tmp_path / 'a.zvid', torch.rand(3, 3, 64, 96))
     assert not list(tmp_path.iterdir())
 
 
@@ -312,29 +312,29 @@ def rewrite_header(path, **changes):
 
 def test_damaged_or_foreign_bitstreams_fail_clearly(tmp_path):
     good = tmp_path / 'good.zvid'
-    video.compress(tiny_model('hnerv_0_35m'), good, smooth_frames(h=64, w=96))
+    codec.compress(tiny_model('hnerv_0_35m'), good, smooth_frames(h=64, w=96))
     data = good.read_bytes()
     bad = tmp_path / 'bad.zvid'
     for cut in (5, 40, len(data) // 2, len(data) - 1):
         bad.write_bytes(data[:cut])
-        with pytest.raises(video.BitstreamError, match='truncated'):
-            video.decompress(bad)
+        with pytest.raises(codec.BitstreamError, match='truncated'):
+            codec.decompress(bad)
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x10
     bad.write_bytes(bytes(flipped))
-    with pytest.raises(video.BitstreamError, match='checksum mismatch'):
-        video.decompress(bad)
+    with pytest.raises(codec.BitstreamError, match='checksum mismatch'):
+        codec.decompress(bad)
     bad.write_bytes(b'RIFF' + data[4:])
-    with pytest.raises(video.BitstreamError, match='not a zoo video bitstream'):
-        video.decompress(bad)
-    video.compress(tiny_model('nerv_s'), bad)
+    with pytest.raises(codec.BitstreamError, match='not a zoo video bitstream'):
+        codec.decompress(bad)
+    codec.compress(tiny_model('nerv_s'), bad)
     rewrite_header(bad, model='nervpp_xs')  # same arguments, other blocks
-    with pytest.raises(video.BitstreamError, match='does not fit nervpp_xs.*another model'):
-        video.decompress(bad)
+    with pytest.raises(codec.BitstreamError, match='does not fit nervpp_xs.*another architecture'):
+        codec.decompress(bad)
     bad.write_bytes(data)
     rewrite_header(bad, model='hnerv_9m')
-    with pytest.raises(video.BitstreamError, match="model 'hnerv_9m' is not a zoo video model"):
-        video.decompress(bad)
+    with pytest.raises(codec.BitstreamError, match="model 'hnerv_9m' is not a zoo video model"):
+        codec.decompress(bad)
 
 
 def test_cli_compress_then_decode(tmp_path, capsys):
@@ -350,11 +350,11 @@ def test_cli_compress_then_decode(tmp_path, capsys):
     assert result['bytes'] == bitstream.stat().st_size and result['frames'] == 4
     assert cli.main(['decode', str(bitstream), str(out)]) == 0
     assert 'wrote 4 frames of 64x96' in capsys.readouterr().out
-    decoded = video.decode_video(bitstream)
+    decoded = codec.decode_video(bitstream)
     assert video.psnr(video.read_frames(out), decoded).min() > 30
     # a failed decode writes nothing over the good video
     before = out.read_bytes()
     bitstream.write_bytes(bitstream.read_bytes()[:-3])
-    assert cli.main(['decode', str(bitstream), str(out)]) == video.BitstreamError.exit_code
+    assert cli.main(['decode', str(bitstream), str(out)]) == codec.BitstreamError.exit_code
     assert 'truncated' in capsys.readouterr().err
     assert out.read_bytes() == before

@@ -6,7 +6,7 @@
     accelerate launch training/train.py --recipe ... --resume                           # continue the last run
     accelerate launch --quiet training/train.py ...   # an error as one line, without the launcher's traceback
 
-The loop, the tasks and the checkpointing live in `zoo.trainer`; this file is only the command line.
+The loop, the tasks and the checkpointing live in `zoo.train`; this file is only the command line.
 """
 import argparse
 import os
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import zoo
-from zoo import trainer
 from zoo._io import check_output_dir
+from zoo.train import trainer
 
 
 def main(argv=None) -> int:

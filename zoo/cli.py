@@ -12,18 +12,22 @@ from typing import List, Optional
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
+from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
+from PIL import Image
 from tqdm import tqdm
 
 import zoo
-from zoo import cards, hub
+from zoo import cards, export, hub
 from zoo._io import check_output_dir
+from zoo.bench import bench_model
+from zoo.convert import family_module
 from zoo.errors import InputError, UnknownModelError, ZooError
 from zoo.metadata import weights_meta
 from zoo.models import FAMILIES
 from zoo.models._builder import load_state_dict_strict, mark_official, read_checkpoint, require_published_weights
 from zoo.registry import check_model_name, registry_name
-from zoo.tasks import DENSE_STRIDE, padded_size
+from zoo.tasks import DENSE_STRIDE, padded_size, rgb_image, save_prediction
 
 
 def _say(args, doing: str) -> None:
@@ -107,10 +111,6 @@ def _label_names(model) -> Optional[List[str]]:
 
 
 def _read_image(image_path):
-    from PIL import Image
-
-    from zoo.tasks import rgb_image
-
     try:
         return rgb_image(Image.open(image_path))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -126,8 +126,6 @@ def _cmd_predict(args) -> None:
             f'{args.name} is a video model: it represents the one video it was fitted to and does not look at '
             'images. Fit it with training/train.py, then `zoo compress` and `zoo decode` its video')
     if getattr(model, 'task', 'classification') != 'classification':
-        from zoo.tasks import save_prediction
-
         for image_path in tqdm(args.images, desc='predict', file=sys.stderr):
             image = _read_image(image_path)
             height, width = padded_size(image.height, image.width)
@@ -151,8 +149,6 @@ def _cmd_predict(args) -> None:
 
 
 def _cmd_convert(args) -> None:
-    from zoo.convert import family_module
-
     check_output_dir(args.out)
     module = family_module(args.family)
     model_name = args.model
@@ -202,21 +198,22 @@ _LOW_VIDEO_PSNR = 15
 
 
 def _cmd_compress(args) -> None:
+    from zoo import codec  # optional extra: video (pytorch-msssim, constriction), only for this command
     from zoo.tasks import video
 
-    video.check_bitstream_path(args.out)
+    codec.check_bitstream_path(args.out)
     if not Path(args.model).is_dir():
-        name = video.check_video_model(check_model_name(args.model))
+        name = codec.check_video_model(check_model_name(args.model))
         if not timm.models.get_pretrained_cfg(registry_name(args.model)).has_weights:
             raise InputError(
                 f'{args.model} has no published weights: a video model represents the one video it was fitted to. Fit '
                 f'it first (accelerate launch training/train.py --recipe training/recipes/{name}_bunny.yaml --data '
                 'FRAMES) and give zoo compress the Hub folder it saves (runs/<recipe>/model)')
     model = _load_model(args, args.model)
-    video.check_video_model(model)
+    codec.check_video_model(model)
     _say(args, f'reading {args.frames}, then compressing and decoding to measure it')
     frames = video.read_frames(args.frames, frame_size=model.frame_size, max_frames=args.max_frames)
-    result = video.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
+    result = codec.compress(model, args.out, frames, prune=args.prune, bits=args.bits)
     if result['psnr'] < _LOW_VIDEO_PSNR:
         print(f'zoo compress: warning: PSNR {result["psnr"]:.1f} dB is far below what a video model gives on the '
               f'video it was fitted to (over {_LOW_VIDEO_PSNR} dB). Are these its frames? A video model decodes '
@@ -224,26 +221,26 @@ def _cmd_compress(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    ms_ssim = 'n/a (frames of 160 px or less)' if result['ms_ssim'] is None else f'{result["ms_ssim"]:.4f}'
+    ms_ssim = f'{result["ms_ssim"]:.4f}' if result['ms_ssim'] is not None else \
+        f'n/a (frames of {video.MS_SSIM_MIN_SIZE} px or less)'
     height, width = result['frame_size']
     print(f'wrote {result["path"]} ({result["model"]}, {result["frames"]} frames of {height}x{width})')
     print(f'  bytes: {result["bytes"]}  bpp: {result["bpp"]:.4f}  PSNR: {result["psnr"]:.2f} dB  MS-SSIM: {ms_ssim}')
 
 
 def _cmd_decode(args) -> None:
+    from zoo import codec  # optional extra: video (pytorch-msssim, constriction, av), only for this command
     from zoo.tasks import video
 
     video.check_frames_path(args.out)  # before decoding, which can take minutes
     _say(args, f'decoding {args.bitstream}')
-    frames = video.decode_video(args.bitstream)
+    frames = codec.decode_video(args.bitstream)
     out = video.write_frames(frames, args.out, fps=args.fps)
     print(f'wrote {len(frames)} frames of {frames.shape[-2]}x{frames.shape[-1]} to {out}')
 
 
 def _cmd_reproduce(args) -> None:
-    from huggingface_hub import snapshot_download
-
-    from zoo import trainer
+    from zoo.train import trainer  # optional extra: train (accelerate), only for this command
 
     source = Path(args.source)
     if not source.is_dir():
@@ -271,8 +268,6 @@ def _cmd_reproduce(args) -> None:
 
 
 def _cmd_bench(args) -> None:
-    from zoo.bench import bench_model
-
     check_model_name(args.name)
     _say(args, f'building {args.name} and timing {args.warmup} + {args.repeats} batches of {args.batch}')
     result = bench_model(
@@ -287,7 +282,7 @@ _VALIDATE_OPTIONS = ('data', 'split', 'batch', 'limit', *_DEPTH_OPTIONS, 'prune'
 
 
 def _cmd_validate(args) -> None:
-    from zoo import validate  # imports the trainer (accelerate): only when validating
+    from zoo import validate  # optional extra: train (validate reads data with the trainer's task plug-ins)
 
     given = {k: getattr(args, k) for k in _VALIDATE_OPTIONS if getattr(args, k) is not None}
     command = shlex.join(['zoo', 'validate', args.model, *(
@@ -312,7 +307,7 @@ def _cmd_validate(args) -> None:
 
 
 def _cmd_explain(args) -> None:
-    from zoo import explain  # matplotlib and captum: only for this command
+    from zoo import explain  # optional extra: explain (captum, matplotlib), only for this command
 
     source = Path(args.name)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
@@ -332,8 +327,6 @@ def _cmd_explain(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from zoo import export
-
     source = Path(args.name)
     model = hub.load(source) if source.is_dir() else zoo.create_model(args.name, pretrained=not args.random)
     size = tuple(args.size * 2 if len(args.size) == 1 else args.size) if args.size else None

@@ -1,6 +1,6 @@
 """`zoo validate`: timm's validate.py for every zoo task, through the task code the trainer uses.
 
-The evaluation split is read by the trainer's own task modules (`zoo.trainer.TASKS`: the same folders, Hub
+The evaluation split is read by the trainer's own task modules (`zoo.train.trainer.TASKS`: the same folders, Hub
 datasets, transforms and crops as training), and scored by the task's metrics:
 
 * classification: top-1 / top-5 accuracy (%), timm's `accuracy`.
@@ -10,8 +10,9 @@ datasets, transforms and crops as training), and scored by the task's metrics:
   pixels of a batch, RMSE, RMSE log and SIlog per image, batches weighted by their image count.
 * segmentation: mIoU and mean Dice from a bincount confusion matrix over the dataset (classes neither
   predicted nor labelled left out), HD95 (pixels) per image and class where both masks hold the class.
-* video: the model is written as a real bitstream (`zoo.tasks.video.compress`), decoded back, and scored
-  per frame (PSNR, MS-SSIM for frames over 160 px); bpp is the bitstream's bytes * 8 / (T * H * W).
+* video: the model is written as a real bitstream (`zoo.codec.compress`), decoded back, and scored per frame
+  (PSNR, and MS-SSIM for frames large enough for it: `has_ms_ssim`); bpp is the bitstream's bytes * 8 /
+  (T * H * W).
 
 Every run gives one result: the model, its tag and weights sha256, the data, the protocol, the metrics and
 when. `write_results` appends it to a CSV or JSON file; `update_card` adds it to a Hub folder's config.json
@@ -37,13 +38,15 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 import zoo
-from zoo import hub, trainer
+from zoo import hub
 from zoo._io import write_atomically
+from zoo.codec import compress, decode_video
 from zoo.errors import InputError
 from zoo.models._builder import download_official_weights, sha256_file
 from zoo.tasks.depth import EVAL_SETTINGS, DepthMetrics, eval_mask
 from zoo.tasks.segmentation import IGNORE_INDEX, hd95
-from zoo.tasks.video import compress, decode_video, ms_ssim, psnr
+from zoo.tasks.video import has_ms_ssim, ms_ssim, psnr
+from zoo.train import trainer
 
 __all__ = [
     'validate', 'check_card_folder', 'depth_protocol', 'load_model', 'model_task', 'update_card', 'write_results']
@@ -228,7 +231,7 @@ def _video(model, eval_set, device, batch_size, quiet, prune: float, bits: int,
     for start in _progress(range(0, len(frames), batch_size), 'video', quiet):
         pred, true = decoded[start:start + batch_size], frames[start:start + batch_size]
         per_frame['psnr'] += psnr(pred, true).tolist()
-        if min(frames.shape[-2:]) > 160:
+        if has_ms_ssim(frames):
             per_frame['ms_ssim'] += ms_ssim(pred, true).tolist()
     metrics = dict(psnr=float(np.mean(per_frame['psnr'])), bpp=written['bpp'], bytes=written['bytes'])
     if per_frame['ms_ssim']:

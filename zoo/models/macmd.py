@@ -335,7 +335,7 @@ class MACMD(nn.Module):
         drop_path_rate: Encoder stochastic depth (official PVTv2-B2: 0.1).
     """
     task = 'segmentation'
-    # What forward(x, deep_supervision=True) returns, for a training loop's loss (zoo.tasks.dense).
+    # What forward(x, deep_supervision=True) returns, for a training loop's loss (zoo.train.dense).
     deep_supervision_outputs = ('main', 'stride 4', 'stride 8')
 
     def __init__(

@@ -1,4 +1,6 @@
-"""What differs per task: outputs, losses, metrics, pre- and post-processing.
+"""What differs per task, as library code the command line, `zoo validate`, the training plug-ins
+(`zoo.train`) and users call: losses, metrics, pre- and post-processing, pictures (`depth`, `segmentation`,
+`video`), and what they share (below).
 
 Dense models say their task in a `task` attribute ('depth', 'normals', 'segmentation'); `zoo predict`
 hands them to `save_prediction`, which writes a picture a person can look at next to the input.
@@ -7,17 +9,15 @@ import importlib
 from pathlib import Path
 from typing import Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from zoo._io import write_atomically
 
 # Every dense zoo model's deepest feature map is at stride 32: its input sides must be multiples of 32.
 DENSE_STRIDE = 32
-
-import numpy as np
-from PIL import Image
-
 # 16-bit greyscale (depth maps, medical slices, frames), which convert('RGB') would clip at 255.
 SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
 
@@ -83,3 +83,20 @@ def rgb_image(image: Image.Image) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         return Image.fromarray(np.round(rgb_array(image) * 255).astype(np.uint8))
     return image.convert('RGB')
+
+
+def per_channel(values, channels: int) -> torch.Tensor:
+    """A cfg mean / std for `channels` channels (one value is repeated, others averaged down to one)."""
+    values = torch.tensor(values, dtype=torch.float32).reshape(-1)
+    if values.numel() != channels:
+        values = values.mean().expand(channels)
+    return values
+
+
+def image_to_input(image: Image.Image, mean, std, in_chans: int = 3) -> torch.Tensor:
+    """A PIL image as a model input (C, H, W) at its own size: RGB (grey for `in_chans=1`) scaled to [0, 1], then
+    normalised with the cfg's `mean` and `std` (see `per_channel`). The one conversion `zoo predict`'s dense
+    pictures and the dense training data share."""
+    pixels = np.asarray(image.convert('L' if in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
+    x = torch.from_numpy(pixels).reshape(image.height, image.width, in_chans).permute(2, 0, 1)
+    return (x - per_channel(mean, in_chans).view(-1, 1, 1)) / per_channel(std, in_chans).view(-1, 1, 1)

@@ -14,7 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.tasks import figure, predict_padded, save_figure
+from timm.data import resolve_model_data_config
+
+from zoo.tasks import figure, image_to_input, predict_padded, save_figure
 
 __all__ = [
     'EVAL_SETTINGS', 'DepthMetrics', 'SILogLoss', 'depth_metrics', 'eval_mask', 'image_to_tensor',
@@ -165,11 +167,8 @@ class DepthMetrics:
 def image_to_tensor(model: nn.Module, image) -> torch.Tensor:
     """A PIL image as a (1, 3, H, W) batch normalised with the model's mean and std, at its own size (no crop),
     on the model's device and in its dtype."""
-    from timm.data import resolve_model_data_config
-
     config = resolve_model_data_config(model)
-    x = torch.from_numpy(np.asarray(image.convert('RGB'), dtype=np.float32) / 255.).permute(2, 0, 1)
-    x = (x - torch.tensor(config['mean']).view(3, 1, 1)) / torch.tensor(config['std']).view(3, 1, 1)
+    x = image_to_input(image, config['mean'], config['std'])
     param = next(model.parameters())
     return x[None].to(device=param.device, dtype=param.dtype)
 

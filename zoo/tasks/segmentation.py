@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from zoo.tasks import figure, predict_padded, save_figure
+from zoo.tasks import figure, image_to_input, predict_padded, save_figure
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -164,23 +164,13 @@ def synapse_case_metrics(
 # Pictures
 
 
-def per_channel(values, channels: int) -> torch.Tensor:
-    """A cfg mean / std for `channels` channels (one value is repeated, others averaged down to one)."""
-    values = torch.tensor(values, dtype=torch.float32).reshape(-1)
-    if values.numel() != channels:
-        values = values.mean().expand(channels)
-    return values
-
-
 def predict_mask(model: nn.Module, image: Image.Image) -> np.ndarray:
     """Class map (H, W) of a PIL image at its own size (padded as `zoo.tasks.predict_padded` does), scaled to
     [0, 1] and normalised with the model's mean / std; argmax of the logits, or sigmoid > 0.5 for one class."""
     cfg = model.pretrained_cfg
     in_chans = getattr(model, 'in_chans', cfg.get('input_size', (3,))[0])
-    pixels = np.asarray(image.convert('L' if in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
-    x = torch.from_numpy(pixels).reshape(image.height, image.width, in_chans)
-    x = (x - per_channel(cfg.get('mean', 0.), in_chans)) / per_channel(cfg.get('std', 1.), in_chans)
-    logits = predict_padded(model, x.permute(2, 0, 1).unsqueeze(0).to(next(model.parameters()).device))
+    x = image_to_input(image, cfg.get('mean', 0.), cfg.get('std', 1.), in_chans)
+    logits = predict_padded(model, x.unsqueeze(0).to(next(model.parameters()).device))
     mask = (logits[:, 0] > 0) if logits.shape[1] == 1 else logits.argmax(dim=1)
     return mask[0].long().numpy()
 

@@ -1,8 +1,8 @@
-"""The task interface of `zoo.trainer`: what a task supplies to the one training loop.
+"""The task interface of `zoo.train.trainer`: what a task supplies to the one training loop.
 
 A task is one `Task` subclass: its recipe schemas (`data` and `aug` keys and their types), its datasets, its
 loss, its sharded evaluation, and optionally model arguments that depend on the data, class names to keep
-with the weights, and a report after saving. `zoo.trainer.TASKS` maps a recipe's `task` to an instance.
+with the weights, and a report after saving. `zoo.train.trainer.TASKS` maps a recipe's `task` to an instance.
 """
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -12,7 +12,7 @@ import torch
 
 class Task:
     """Base class of the trainer's tasks; subclasses override `datasets`, `make_loss` and `evaluate`."""
-    data_schema: Dict[str, tuple] = {}  # recipe `data` keys -> accepted types (see zoo.trainer.check_section)
+    data_schema: Dict[str, tuple] = {}  # recipe `data` keys -> accepted types (see zoo.train.trainer.check_section)
     aug_schema: Dict[str, tuple] = {}  # recipe `aug` keys -> accepted types
     named_loss = False  # whether the recipe may choose the loss with a top-level `loss: <name>`
     best_metric: Tuple[str, str] = ('loss', 'min')  # the metric that picks the best checkpoint, and its direction

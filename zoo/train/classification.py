@@ -1,4 +1,4 @@
-"""Image classification for `zoo.trainer`: data through `datasets`, timm transforms, mixup/cutmix, top-1/top-5.
+"""Image classification for `zoo.train.trainer`: data through `datasets`, timm transforms, mixup/cutmix, top-1/top-5.
 
 A recipe's `data` names a local image folder (`data_dir`, laid out `train/<class>/*` and `validation/<class>/*`,
 read with `datasets`' `imagefolder`) or a Hub dataset id (`dataset`, e.g. `ILSVRC/imagenet-1k`), and may set
@@ -17,7 +17,7 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from zoo.errors import InputError
-from zoo.tasks.base import Task, eval_loader
+from zoo.train.task import Task, eval_loader
 
 _MIX_KEYS = ('mixup', 'cutmix', 'cutmix_minmax', 'mix_prob', 'mix_switch_prob', 'mix_mode', 'label_smoothing')
 _SEQUENCE = (float, list)
@@ -35,7 +35,7 @@ AUG_SCHEMA = dict(
 
 def load_image_dataset(spec: Dict[str, Any], data: Optional[str] = None):
     """The `datasets.DatasetDict` a recipe's `data` names; `data` (the --data option) overrides its location."""
-    import datasets
+    import datasets  # optional extra: train (slow to import, and needed only here)
 
     source = data or spec.get('data_dir') or spec.get('dataset')
     if not source:

@@ -1,4 +1,4 @@
-"""Depth and segmentation training for `zoo.trainer`: paired image / target data, the losses, the metrics.
+"""Depth and segmentation training for `zoo.train.trainer`: paired image / target data, the losses, the metrics.
 
 Data is a folder of pairs, matched by file stem:
 
@@ -26,9 +26,10 @@ from PIL import Image
 from timm.data import resolve_model_data_config
 
 from zoo.errors import InputError
-from zoo.tasks.base import Task, eval_loader
+from zoo.tasks import image_to_input
 from zoo.tasks.depth import EVAL_SETTINGS, SILogLoss, depth_metrics, eval_mask, kitti_benchmark_crop
-from zoo.tasks.segmentation import IGNORE_INDEX, CeDiceLoss, per_channel
+from zoo.tasks.segmentation import IGNORE_INDEX, CeDiceLoss
+from zoo.train.task import Task, eval_loader
 
 _IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 DATA_SCHEMA = dict(
@@ -84,7 +85,7 @@ class PairedImages(torch.utils.data.Dataset):
                  reduce_zero_label: bool = False):
         self.samples, self.kind, self.depth_scale, self.in_chans = samples, kind, depth_scale, in_chans
         self.reduce_zero_label = reduce_zero_label
-        self.mean, self.std = (per_channel(v, in_chans).view(-1, 1, 1) for v in (mean, std))
+        self.mean, self.std = mean, std
         self.crop_size, self.hflip, self.multiple, self.seed = crop_size, hflip, multiple, seed
         self.kitti_crop = kitti_crop
         self.epoch = 0
@@ -101,8 +102,7 @@ class PairedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         image, target = self._load(index)
-        x = np.asarray(image.convert('L' if self.in_chans == 1 else 'RGB'), dtype=np.float32) / 255.
-        x = torch.from_numpy(x).reshape(*x.shape[:2], -1).permute(2, 0, 1)
+        x = image_to_input(image, self.mean, self.std, self.in_chans)
         if self.kind == 'depth':
             y = torch.from_numpy(np.asarray(target, dtype=np.float32) / self.depth_scale)[None]
         else:
@@ -126,7 +126,7 @@ class PairedImages(torch.utils.data.Dataset):
             x, y = x[..., top:top + h - h % m, left:left + w - w % m], y[..., top:top + h - h % m, left:left + w - w % m]
         if self.hflip and rng.random() < self.hflip:
             x, y = x.flip(-1), y.flip(-1)
-        return (x - self.mean) / self.std, y.contiguous()
+        return x.contiguous(), y.contiguous()
 
 
 def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str] = None, output_dir=None):
@@ -142,7 +142,7 @@ def datasets(recipe: Dict[str, Any], model: torch.nn.Module, data: Optional[str]
         target_dir = spec.get('target_dir', 'depth' if kind == 'depth' else 'masks')
         train, evaluation = (_pairs(Path(source).expanduser(), s, target_dir) for s in (train_split, eval_split))
     elif spec.get('dataset'):
-        import datasets as hf_datasets
+        import datasets as hf_datasets  # optional extra: train, only for Hub datasets
 
         splits = hf_datasets.load_dataset(spec['dataset'], cache_dir=spec.get('cache_dir'), **spec.get('load_args', {}))
         columns = spec.get('image_column', 'image'), spec.get('target_column', 'depth' if kind == 'depth' else 'label')

@@ -1,4 +1,4 @@
-"""Fitting a neural video representation (HNeRV, NeRV, NeRV++) to one video, for `zoo.trainer`.
+"""Fitting a neural video representation (HNeRV, NeRV, NeRV++) to one video, for `zoo.train.trainer`.
 
 The data is the video itself: `--data` or the recipe's `data.path` names a folder of frames or a video file,
 resized to `model_args.frame_size` when the recipe sets one. `data.demo_clip` instead makes a clip from one of
@@ -21,11 +21,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from zoo.errors import InputError
 from zoo._io import write_atomically
-from zoo.tasks import figure, fresh, save_figure
-from zoo.tasks.base import Task, eval_loader
-from zoo.tasks.video import compress, decode_video, fitting_loss, ms_ssim, psnr, read_frames, write_frames
+from zoo.codec import compress, decode_video
+from zoo.errors import InputError
+from zoo.tasks import figure, save_figure
+from zoo.tasks.video import fitting_loss, has_ms_ssim, ms_ssim, psnr, read_frames, write_frames
+from zoo.train import fresh
+from zoo.train.task import Task, eval_loader
 
 _frames_cache: Dict[Tuple, torch.Tensor] = {}
 DATA_SCHEMA = dict(path=(str, type(None)), demo_clip=(dict,), max_frames=(int, type(None)), inpaint_box=(int,))
@@ -39,7 +41,7 @@ def make_demo_clip(image: str = 'astronaut', num_frames: int = 16, frame_size: T
     it travels down `pan` of the way from the top of the photo to the bottom. The motion is eased with a
     cosine so it starts and ends slowly, and sampling is bilinear, so the motion is sub-pixel.
     """
-    import skimage.data
+    import skimage.data  # optional extra: video, only for the demo clip
 
     if not hasattr(skimage.data, image):
         raise ValueError(f'scikit-image has no sample image {image!r}; try astronaut, chelsea, coffee, rocket')
@@ -155,7 +157,7 @@ def _quality(decoded: torch.Tensor, frames: torch.Tensor, per_frame: bool = Fals
     """Per-frame-mean PSNR (dB), as HNeRV reports it, and MS-SSIM where frames are large enough for it
     (with `per_frame`, the per-frame tensors instead of their means)."""
     metrics = {'psnr': psnr(decoded, frames)}
-    if min(frames.shape[-2:]) > 160:
+    if has_ms_ssim(frames):
         metrics['ms_ssim'] = ms_ssim(decoded, frames)
     return metrics if per_frame else {k: v.mean().item() for k, v in metrics.items()}
 
@@ -244,7 +246,7 @@ def report(recipe: Dict[str, Any], folder: Path, eval_set: VideoFrames, metrics:
     print(f'  reloaded with timm.create_model("local-dir:{folder}")')
     print(f'  PSNR          {reloaded["psnr"]:.2f} dB (per-frame mean, float weights)')
     print(f'  bitstream     {compressed["bytes"]:,} bytes = {compressed["bpp"]:.4f} bits per pixel '
-          f'(10% pruned, 8-bit, entropy coded): {bitstream}')
+          f'({compressed["prune"]:.0%} pruned, {compressed["bits"]}-bit, entropy coded): {bitstream}')
     print(f'  PSNR          {compressed["psnr"]:.2f} dB decoded from the bitstream'
           + (f', MS-SSIM {compressed["ms_ssim"]:.4f}' if compressed['ms_ssim'] is not None else ''))
     print(f'  decode speed  {fps:.1f} frames/s (batch 1, {torch.get_num_threads()} CPU threads)')

@@ -1,7 +1,7 @@
 """One training loop for every zoo model, driven by a recipe and run by Accelerate.
 
 `training/train.py` is the command-line face of `train()`. A recipe (YAML, `training/recipes/`) names the model,
-the task, the data and the paper's hyperparameters; the task (`zoo.tasks.<task>`) supplies the data, the loss, the
+the task, the data and the paper's hyperparameters; the task (a plug-in in `zoo.train`) supplies the data, the loss, the
 metrics and the final report, and this module supplies everything the tasks share: Accelerate (devices, mixed
 precision, gradient accumulation, DDP / FSDP / DeepSpeed), timm's optimizers and schedulers (stepped every
 optimizer step or every epoch), EMA, atomic checkpoints with exact resume, and the Hub folder at the end.
@@ -42,15 +42,16 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import zoo
-from zoo import hub, tract
+from zoo import hub
 from zoo._io import write_atomically
 from zoo.errors import CheckpointError, InputError, RecipeError, ZooError
 from zoo.hub import RECIPE_NAME
 from zoo.models._builder import load_state_dict_strict, sha256_file
-from zoo.tasks.base import Task
-from zoo.tasks.classification import Classification
-from zoo.tasks.dense import Depth, Segmentation
-from zoo.tasks.video_fitting import VideoFitting
+from zoo.train import tract
+from zoo.train.classification import Classification
+from zoo.train.dense import Depth, Segmentation
+from zoo.train.task import Task
+from zoo.train.video_fitting import VideoFitting
 
 CHECKPOINT_PREFIX, STAGING_PREFIX = 'step_', '.staging-'
 CHECKPOINT_FORMAT = 'zoo-checkpoint/1'
@@ -58,7 +59,7 @@ MANIFEST_NAME, TRAINER_STATE_NAME, EMA_NAME = 'manifest.json', 'trainer_state.js
 RNG_STATE_NAME = 'random_states_{}.safetensors'
 PICKLE_SUFFIXES = ('.bin', '.pkl', '.pt', '.pth')
 
-# A recipe's `task` -> the `zoo.tasks.base.Task` that supplies its data, loss, evaluation and report.
+# A recipe's `task` -> the `zoo.train.task.Task` that supplies its data, loss, evaluation and report.
 TASKS: Dict[str, Task] = {
     'classification': Classification(),
     'video': VideoFitting(),
