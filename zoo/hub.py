@@ -133,7 +133,7 @@ def save_pretrained(model: nn.Module, directory: Union[str, Path], training: Opt
 
     config.json records what the weights are (`provenance`), their `weights_sha256` and the measured `results`
     that belong to them; the card is rendered from it. `training` (`{'recipe': ..., 'data': ..., 'metrics':
-    ...}`, from `zoo.trainer`) makes the weights `zoo-trained` (or `fine-tuned` from pretrained ones) and adds
+    ...}`, from `zoo.train.trainer`) makes the weights `zoo-trained` (or `fine-tuned` from pretrained ones) and adds
     training.json and training_recipe.yaml. The folder is replaced as a whole (`write_folder`): the zoo's files
     of an earlier save that this one does not write (a training.json, a recipe) are gone, files the zoo did not
     write stay, and an interrupted save leaves the old folder as it was.
