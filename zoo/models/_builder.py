@@ -183,8 +183,8 @@ def check_official_weights(
         sha256: Optional[str] = None,
         cache_dir: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Fetch an official checkpoint into the cache timm loads it from, and check it before timm does: its sha256
-    (when one is recorded), and that it holds nothing but tensors and plain containers.
+    """Fetch an official checkpoint into the cache timm loads it from, and check its sha256 (when one is
+    recorded) before timm reads it.
 
     Returns the provenance of the file (`file`, `source`, `file_sha256`) and its `path`.
     """
@@ -194,7 +194,6 @@ def check_official_weights(
         raise CheckpointError(
             f'{path} has sha256 {actual}, but {sha256} is recorded for it: the download is corrupt or the '
             'file changed upstream. Delete it from the cache and try again')
-    _check_tensors_only(path)
     return {'path': path, 'file': path.name, 'source': weights_location(pretrained_cfg), 'file_sha256': actual}
 
 
@@ -248,7 +247,10 @@ def build_zoo_model(
         if pretrained_cfg.file:
             # timm's own reader of a `file` keeps one entry of a checkpoint dict (EMA weights first) and drops the
             # rest (an HNeRV release's frame embeddings): the file is read whole and given to timm as a state dict.
+            # `read_checkpoint` (weights_only) refuses anything but tensors itself.
             pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=read_checkpoint(path))
+        else:
+            _check_tensors_only(path)  # timm reads this file: anything but tensors is refused first, by name
         provenance = {'kind': 'official', 'tag': pretrained_cfg.tag, **official}
     elif pretrained and pretrained_cfg.source in FOLDER_SOURCES:
         # A folder written by the zoo records its weights' sha256. One without the record (written by timm, say)
