@@ -51,13 +51,38 @@ class _TimmInceptionAdditions:
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
-        return super().forward_intermediates(x, *args, **kwargs)
-
 
 class InceptionV4(_TimmInceptionAdditions, TimmInceptionV4):
     """timm's Inception-v4, plus gradient checkpointing and input checks."""
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """timm's forward_intermediates after the input check, written out because TorchScript (timm's
+        FeatureGetterNet is scriptable for Inception-v4) cannot compile `super()`."""
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stage_ends), indices)
+        take_indices = [self.stage_ends[i] for i in take_indices]
+        max_index = self.stage_ends[max_index]
+        if torch.jit.is_scripting() or not stop_early:  # an if statement: TorchScript cannot slice modules
+            stages = self.features
+        else:
+            stages = self.features[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
@@ -77,6 +102,11 @@ def _run_layers(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class InceptionResnetV2(_TimmInceptionAdditions, TimmInceptionResnetV2):
     """timm's Inception-ResNet-v2 (TF-slim layout), plus gradient checkpointing and input checks."""
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        """timm's, after the input check (timm's walks `layer_names` with getattr: eager only, as in timm)."""
+        check_image_input(x, self.in_chans, 75)  # MIN_INPUT_SIZE: TorchScript takes no global ints
+        return super().forward_intermediates(x, *args, **kwargs)
 
     def _forward_layers(self, x: torch.Tensor) -> torch.Tensor:
         """timm's forward_features: `layer_names` written out, as TorchScript needs them (literal names only)."""

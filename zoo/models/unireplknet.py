@@ -122,22 +122,26 @@ class DilatedReparamConv(nn.Module):
         self.kernel_size = kernel_size
         self.lk_origin = _dw_conv(dim, kernel_size, bias=deploy)
         self.branches = [] if deploy else list(zip(*DILATED_BRANCHES[kernel_size]))
+        self.origin_bn = nn.Identity() if deploy else nn.BatchNorm2d(dim)
         if not deploy:
-            self.origin_bn = nn.BatchNorm2d(dim)
             for k, r in self.branches:
                 self.add_module(f'dil_conv_k{k}_{r}', _dw_conv(dim, k, dilation=r))
                 self.add_module(f'dil_bn_k{k}_{r}', nn.BatchNorm2d(dim))
 
     @property
     def deploy(self) -> bool:
-        return not hasattr(self, 'origin_bn')
+        return isinstance(self.origin_bn, nn.Identity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deploy:
-            return self.lk_origin(x)
         out = self.origin_bn(self.lk_origin(x))
-        for k, r in self.branches:
-            out = out + getattr(self, f'dil_bn_k{k}_{r}')(getattr(self, f'dil_conv_k{k}_{r}')(x))
+        # The branches are found by walking the children, not by getattr on a built name, so TorchScript can
+        # compile this; each branch's conv is registered just before its BN.
+        branch = x
+        for name, module in self.named_children():
+            if name.startswith('dil_conv_'):
+                branch = module(x)
+            elif name.startswith('dil_bn_'):
+                out = out + module(branch)
         return out
 
     @torch.no_grad()
@@ -154,7 +158,7 @@ class DilatedReparamConv(nn.Module):
             bias = bias + b
             delattr(self, f'dil_conv_k{k}_{r}')
             delattr(self, f'dil_bn_k{k}_{r}')
-        del self.origin_bn
+        self.origin_bn = nn.Identity()
         self.branches = []
         dim = weight.shape[0]
         self.lk_origin = _dw_conv(dim, self.kernel_size, bias=True).to(weight.device, weight.dtype)
@@ -240,11 +244,14 @@ class UniRepLKNetBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Under torch.compile the plain graph was faster (measured on CPU): inductor fuses GELU into the Linear
         # and the GRN/SE arithmetic into one loop, which the per-image weights of `forward_fast` would prevent.
-        if self.fast and not self.training and self.deploy and not torch.compiler.is_compiling():
+        # TorchScript runs the plain path too (`forward_fast` is eager-only).
+        if self.fast and not self.training and self.deploy and not torch.jit.is_scripting() \
+                and not torch.compiler.is_compiling():
             return self.forward_fast(x)
         y = self.mlp(self.se(self.norm(self.conv_dw(x))))
         return x + self.drop_path(self.ls(y))
 
+    @torch.jit.unused
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """The deploy-form block with fewer passes over memory: no BN / layer-scale modules, no NCHW <-> NHWC
         round trips of the 4x-wide hidden tensor, GRN as one scale, the residual added by the second matmul.
@@ -376,6 +383,7 @@ class UniRepLKNet(nn.Module):
         fast: Run deploy-form blocks at inference through `UniRepLKNetBlock.forward_fast` (same outputs, fewer
             passes over memory). False keeps the plain module-by-module path; see also `set_fast()`.
     """
+    __jit_unused_properties__ = ['deploy', '_model_args']  # Python-side state, not part of the scripted forward
 
     def __init__(
             self,
