@@ -99,7 +99,7 @@ def test_dilated_reparam_conv_merges_every_supported_kernel_size(kernel_size):
         conv.reparameterize()
         conv.reparameterize()
         actual = conv(x)
-    assert conv.deploy and list(dict(conv.named_children())) == ['lk_origin']
+    assert conv.deploy and list(dict(conv.named_parameters())) == ['lk_origin.weight', 'lk_origin.bias']
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -38,3 +38,24 @@ def _check_image_input(x: torch.Tensor, in_chans: int, min_size: int, channel_hi
     if x.shape[2] < min_size or x.shape[3] < min_size:
         raise ValueError(
             f'expected images of at least {min_size}x{min_size} pixels, got {x.shape[2]}x{x.shape[3]}')
+
+
+@register_notrace_function
+def check_multiple_of(x: torch.Tensor, multiple: int, model_name: str, why: str) -> None:
+    """Raise ``ValueError`` unless the sides of ``x`` are multiples of ``multiple`` (``why``: the stride that needs
+    it), naming the nearest sizes to resize or pad to. Eager only, as ``check_image_input``."""
+    if not torch.jit.is_scripting():
+        if not is_traced(x):
+            _check_multiple_of(x, multiple, model_name, why)
+
+
+@torch.jit.unused
+def _check_multiple_of(x: torch.Tensor, multiple: int, model_name: str, why: str) -> None:
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        def fit(n):
+            below, above = n // multiple * multiple, -(-n // multiple) * multiple
+            return str(n) if n % multiple == 0 else str(above) if below == 0 else f'{below} or {above}'
+        raise ValueError(
+            f'{model_name} needs height and width that are multiples of {multiple} ({why}), got {h}x{w}; resize or '
+            f'pad to {fit(h)} x {fit(w)}')

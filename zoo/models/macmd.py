@@ -33,11 +33,11 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ConvNormAct, DropPath
+from timm.layers import ConvNormAct, DropPath, register_notrace_function
 from timm.models import register_model
 from timm.models.pvt_v2 import checkpoint_filter_fn as _pvt_v2_filter_fn
 
-from zoo.layers import check_image_input, takes_device_dtype
+from zoo.layers import check_image_input, check_multiple_of, takes_device_dtype
 from zoo.metadata import paper, zoo_cfgs
 from zoo.models._builder import build_zoo_model
 
@@ -74,16 +74,16 @@ class HDConv(nn.Module):
         super().__init__()
         if in_chs % 4 or out_chs % 4:
             raise ValueError(f'HDConv needs channel counts divisible by 4 (groups=4), got {in_chs} -> {out_chs}')
-        self.num_branches = len(dilations)
         for i, d in enumerate(dilations):  # official names dilation_1..dilation_4
             self.add_module(f'dilation_{i + 1}', nn.Conv2d(in_chs, out_chs, 3, padding=d, dilation=d, groups=4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
-        mixed = 0
-        for j in range(self.num_branches):
-            quarters = getattr(self, f'dilation_{j + 1}')(x).reshape(B, 4, -1, H, W)
-            mixed = mixed + quarters.roll(-j, dims=1)  # position k now holds quarter (k + j) mod 4
+        mixed = self.dilation_1(x).reshape(B, 4, -1, H, W)
+        # the children are dilation_1, dilation_2, ... in order (TorchScript cannot getattr a name built at run time)
+        for j, conv in enumerate(self.children()):
+            if j > 0:  # position k now holds quarter (k + j) mod 4
+                mixed = mixed + conv(x).reshape(B, 4, -1, H, W).roll(-j, dims=1)
         return mixed.reshape(B, -1, H, W)
 
 
@@ -152,7 +152,7 @@ class EfficientUpConvBlock(nn.Module):
 
     def __init__(self, chs: int, scale: int):
         super().__init__()
-        self.scale = scale
+        self.scale = float(scale)
         self.block = nn.Sequential(
             nn.Conv2d(chs, chs, 3, padding=1, groups=chs), nn.BatchNorm2d(chs), nn.ReLU(inplace=True),
             nn.Conv2d(chs, chs, 1))
@@ -170,6 +170,7 @@ class APM(nn.Module):
 
     def __init__(self, in_chs: Sequence[int], out_chs: int):
         super().__init__()
+        self.num_levels = len(in_chs)
         self.channel_proj = nn.ModuleList([_conv_bn_act(c, out_chs) for c in in_chs])
         self.up_blocks = nn.ModuleList(
             [nn.Identity()] + [EfficientUpConvBlock(out_chs, 2 ** i) for i in range(1, len(in_chs))])
@@ -177,19 +178,26 @@ class APM(nn.Module):
             nn.Conv2d(out_chs, out_chs // 8, 1), nn.ReLU(inplace=True), nn.Conv2d(out_chs // 8, 1, 1))
         self.modulation_proj = _conv_bn_act(out_chs, out_chs, act_layer=nn.Sigmoid)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        levels = torch.stack([
-            up(proj(f)) for f, proj, up in zip(features, self.channel_proj, self.up_blocks)], dim=1)  # B,N,C,H,W
-        scores = torch.stack([self.attention_proj(levels[:, i]) for i in range(levels.shape[1])], dim=1)
+    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+        # loops over the module lists, indexing the features: TorchScript zips no list with a module list
+        projected = []
+        for i, proj in enumerate(self.channel_proj):
+            projected.append(proj(features[i]))
+        resized = []
+        for i, up in enumerate(self.up_blocks):
+            resized.append(up(projected[i]))
+        levels = torch.stack(resized, dim=1)  # B,N,C,H,W
+        scores = torch.stack([self.attention_proj(levels[:, i]) for i in range(self.num_levels)], dim=1)
         pooled = (scores.softmax(dim=1) * levels).sum(1)
         pooled_gate = pooled.sigmoid()
-        out = 0
-        for i in range(levels.shape[1]):
+        out = torch.zeros_like(pooled)
+        for i in range(self.num_levels):
             x = levels[:, i]
             out = out + self.modulation_proj((x.sigmoid() * pooled) * (pooled_gate * x)) * x
-        return out / levels.shape[1]
+        return out / self.num_levels
 
 
+@register_notrace_function  # FX: the split sizes come from the shape
 def q_shift(x: torch.Tensor) -> torch.Tensor:
     """Shift four channel quarters of an NCHW map one pixel right, left, down and up (zero fill)."""
     q = x.shape[1] // 4
@@ -242,17 +250,19 @@ class MSCCM(nn.Module):
         self.channel = ChannelMix(dim * len(in_chs))
         self.final_projections = nn.ModuleList([nn.Conv2d(dim, c, 1) for c in in_chs])
 
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
         size = features[-1].shape[-2:]
-        x = torch.cat([
-            proj(F.interpolate(f, size=size, mode='bilinear', align_corners=False))
-            for f, proj in zip(features, self.projections)], dim=1)
+        projected = []
+        for i, proj in enumerate(self.projections):  # indexing the features: TorchScript zips no list with modules
+            projected.append(proj(F.interpolate(features[i], size=size, mode='bilinear', align_corners=False)))
+        x = torch.cat(projected, dim=1)
         B, C, H, W = x.shape
         tokens = x.flatten(2).transpose(1, 2) + self.drop_path(self.ln1(self.channel(x)))
-        x = tokens.transpose(1, 2).reshape(B, C, H, W)
-        return [
-            F.interpolate(proj(part), size=f.shape[-2:], mode='bilinear', align_corners=False)
-            for part, f, proj in zip(x.split(self.dim, dim=1), features, self.final_projections)]
+        parts = tokens.transpose(1, 2).reshape(B, C, H, W).split(self.dim, dim=1)
+        out = []
+        for i, proj in enumerate(self.final_projections):
+            out.append(F.interpolate(proj(parts[i]), size=features[i].shape[-2:], mode='bilinear', align_corners=False))
+        return out
 
 
 class UpBlock(nn.Module):
@@ -281,8 +291,8 @@ class FeatureFusionBlock(nn.Module):
         self.spatial_attention = SpatialAttention()
         self.output_conv = nn.Conv2d(2 * chs, 2 * chs, 1, bias=False)
 
-    def forward(self, *features: torch.Tensor) -> torch.Tensor:
-        x = self.bn(self.fusion_conv(torch.cat(features, dim=1)))
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, x3: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.fusion_conv(torch.cat([x1, x2, x3], dim=1)))
         return self.output_conv(self.spatial_attention(self.channel_attention(x)))
 
 
@@ -306,9 +316,11 @@ class MACMDDecoder(nn.Module):
             UpBlock(c4, c3), UpBlock(2 * c3, c2), UpBlock(2 * c2, c1), UpBlock(2 * c1, out_chs)])
         self.ffb = FeatureFusionBlock(c1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-        enc1, enc2, enc3, _ = features
-        gated = [gate(f) for gate, f in zip(self.mcag, features)]
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        enc1, enc2, enc3 = features[0], features[1], features[2]
+        gated = []
+        for i, gate in enumerate(self.mcag):  # indexing the features: TorchScript zips no list with modules
+            gated.append(gate(features[i]))
         gated[3] = self.meab(gated[3])
         pooled = self.apm(gated)
         skip3, skip2, skip1 = self.msccm([enc3, enc2, enc1])  # the raw features, not the gated ones
@@ -322,9 +334,12 @@ class MACMDDecoder(nn.Module):
 class MACMD(nn.Module):
     """MACMD segmentation model: timm encoder, MACMD decoder, deep-supervision heads.
 
-    `forward(x)` returns the main head's logits (B, num_classes, H, W) at the input size, in train and eval
-    mode alike; `forward_train(x)` returns all three heads' logits [main, stride-4 head, stride-8 head] for
-    deep supervision (the official recipe sums one loss per head, equal weights).
+    `forward(x)` returns the main head's logits (B, num_classes, H, W) at the input size; `forward_train(x)`
+    returns all three heads' logits [main, stride-4 head, stride-8 head] for deep supervision (the official
+    recipe sums one loss per head, equal weights). After `set_deep_supervision()`, `forward` in training mode
+    returns `forward_train`'s list, so a training loop reaches the three heads through a DDP / Accelerate wrapper
+    (as timm's distilled models do with `set_distilled_training`). `num_classes=0` builds no
+    heads: `forward` then returns the main head's input, the decoder's stride-2 map (B, num_features, H/2, W/2).
 
     Args:
         num_classes: Output classes, background included (Synapse: 9). 1 gives a binary mask (sigmoid).
@@ -335,7 +350,8 @@ class MACMD(nn.Module):
         drop_path_rate: Encoder stochastic depth (official PVTv2-B2: 0.1).
     """
     task = 'segmentation'
-    # What forward(x, deep_supervision=True) returns, for a training loop's loss (zoo.train.dense).
+    # What forward returns in training mode after set_deep_supervision(), for a training loop's loss
+    # (zoo.train.dense).
     deep_supervision_outputs = ('main', 'stride 4', 'stride 8')
 
     def __init__(
@@ -349,53 +365,72 @@ class MACMD(nn.Module):
         super().__init__()
         if in_chans not in (1, 3):
             raise ValueError(f'MACMD takes 1-channel (CT, MRI) or 3-channel (RGB) images, got in_chans={in_chans}')
-        self.num_classes = num_classes
         self.in_chans = in_chans
+        self.output_stride = OUTPUT_STRIDE  # an instance attribute: TorchScript takes no global ints
         self.stem = _conv_bn_act(1, 3, bias=True) if in_chans == 1 else nn.Identity()
         self.encoder = timm.create_model(
             encoder, pretrained=pretrained_encoder, num_classes=0, drop_path_rate=drop_path_rate)
-        embed_dims = [info['num_chs'] for info in self.encoder.feature_info][-4:]
-        self.decoder = MACMDDecoder(embed_dims)
+        self.embed_dims = [info['num_chs'] for info in self.encoder.feature_info][-4:]
+        self.decoder = MACMDDecoder(self.embed_dims)
         # channels of the main head's input (timm's names; config.json records num_features)
         self.num_features = self.head_hidden_size = 32
-        self.head = nn.Conv2d(self.num_features, num_classes, 1)
-        self.aux_heads = nn.ModuleList([nn.Conv2d(c, num_classes, 1) for c in embed_dims[:2]])  # strides 4, 8
+        self.deep_supervision = False
+        self.reset_classifier(num_classes)
 
     def _check_input(self, x: torch.Tensor) -> None:
-        check_image_input(x, self.in_chans, OUTPUT_STRIDE)
-        H, W = x.shape[-2:]
-        if H % OUTPUT_STRIDE or W % OUTPUT_STRIDE:
-            def fit(n):
-                below, above = n // OUTPUT_STRIDE * OUTPUT_STRIDE, -(-n // OUTPUT_STRIDE) * OUTPUT_STRIDE
-                return str(n) if below == above else f'{below} or {above}'
-            raise ValueError(
-                f'MACMD needs height and width that are multiples of {OUTPUT_STRIDE} (the encoder output stride, '
-                f'which the decoder undoes in steps of 2), got {H}x{W}; resize or pad to {fit(H)} x {fit(W)}')
+        check_image_input(x, self.in_chans, self.output_stride)
+        check_multiple_of(x, self.output_stride, 'MACMD', 'the encoder stride, which the decoder undoes in steps of 2')
 
-    def forward_decoder(self, x: torch.Tensor) -> List[torch.Tensor]:
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    @torch.jit.ignore
+    def set_deep_supervision(self, enable: bool = True) -> None:
+        """In training mode, `forward` returns the three heads' logits (`forward_train`) when enabled."""
+        self.deep_supervision = enable
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New, randomly initialised main and deep-supervision heads with `num_classes` outputs (0: none)."""
+        like = next(self.decoder.parameters())
+        device, dtype = like.device, like.dtype
+        self.num_classes = num_classes
+        if num_classes:
+            self.head = nn.Conv2d(self.num_features, num_classes, 1, device=device, dtype=dtype)
+            self.aux_heads = nn.ModuleList(  # strides 4, 8
+                [nn.Conv2d(c, num_classes, 1, device=device, dtype=dtype) for c in self.embed_dims[:2]])
+        else:
+            self.head, self.aux_heads = nn.Identity(), nn.ModuleList()
+
+    def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The decoder outputs [dec0, dec1, dec2] (strides 2, 4, 8) for an image batch."""
         self._check_input(x)
         features = self.encoder.forward_intermediates(self.stem(x), intermediates_only=True)
+        assert isinstance(features, list)  # for TorchScript: intermediates_only gives the list alone
         return self.decoder(features[-4:])
+
+    def forward_head(self, features: List[torch.Tensor], size: List[int]) -> torch.Tensor:
+        """The main head's logits at `size` (H, W); with no heads, the decoder's stride-2 map."""
+        if self.num_classes == 0:
+            return features[0]
+        return F.interpolate(self.head(features[0]), size=size, mode='bilinear', align_corners=False)
 
     def forward_train(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Logits of the three heads, each at the input size: [main (stride 2), stride 4, stride 8]."""
+        if self.num_classes == 0:
+            raise ValueError('this MACMD was built with num_classes=0: it has no heads to supervise')
         size = x.shape[-2:]
-        dec0, dec1, dec2 = self.forward_decoder(x)
-        return [
-            F.interpolate(head(dec), size=size, mode='bilinear', align_corners=False)
-            for head, dec in zip((self.head, *self.aux_heads), (dec0, dec1, dec2))]
+        features = self.forward_features(x)
+        logits = [self.head(features[0])]
+        for i, head in enumerate(self.aux_heads):
+            logits.append(head(features[i + 1]))
+        return [F.interpolate(y, size=size, mode='bilinear', align_corners=False) for y in logits]
 
-    def forward(self, x: torch.Tensor, deep_supervision: bool = False) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """Main-head logits at the input size; with `deep_supervision`, `forward_train`'s three heads.
-
-        The flag lets a training loop reach the deep-supervision heads through a DDP / Accelerate wrapper,
-        whose `forward` must run for gradients to be synchronised and autocast to apply.
-        """
-        if deep_supervision:
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Main-head logits at the input size; in training mode after `set_deep_supervision()`, the three heads'."""
+        if self.deep_supervision and self.training and not torch.jit.is_scripting():
             return self.forward_train(x)
-        dec0 = self.forward_decoder(x)[0]
-        return F.interpolate(self.head(dec0), size=x.shape[-2:], mode='bilinear', align_corners=False)
+        return self.forward_head(self.forward_features(x), x.shape[-2:])
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

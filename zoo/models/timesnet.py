@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from timm.models import register_model, resolve_pretrained_cfg
 
-from zoo.layers import check_image_input, takes_device_dtype
+from zoo.layers import check_image_input, check_multiple_of, takes_device_dtype
 from zoo.metadata import zoo_cfgs
 from zoo.models._builder import build_zoo_model
 
@@ -66,8 +66,9 @@ class PostFeaturePyramid(nn.Module):
     def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         x = self.lateral[0](features[0])
-        for lateral, feat in zip(self.lateral[1:], features[1:]):
-            x = x + F.interpolate(lateral(feat), size=size, mode='bilinear', align_corners=False)
+        for i, lateral in enumerate(self.lateral):  # TorchScript unrolls a module list only when it is whole
+            if i > 0:
+                x = x + F.interpolate(lateral(features[i]), size=size, mode='bilinear', align_corners=False)
         return self.fuse(x)
 
 
@@ -81,7 +82,8 @@ class TimesNet(nn.Module):
         decoder: timm classifier name with ConvNeXt's layout (`stem`, four `stages` with `downsample` and
             `blocks`, strides 4-32), run in reverse.
         task: 'depth' (output (B, 1, H, W), metres in (0, max_depth)) or 'segmentation' (logits (B, K, H, W)).
-        num_classes: output channels; 1 for depth, the class count for segmentation (default 150, ADE20K).
+        num_classes: output channels; 1 for depth, the class count for segmentation (default 150, ADE20K). 0
+            builds no head: `forward` returns the Post Feature Pyramid's map (B, num_features, H/4, W/4).
         background_class: the segmentation class that `zoo predict` leaves uncoloured; None (the default) for
             ADE20K's classes as mmseg numbers them (label 0 "other" ignored, so class 0 is wall).
         max_depth: depth range of the sigmoid output, in metres (10 for NYU, 80 for KITTI).
@@ -111,10 +113,7 @@ class TimesNet(nn.Module):
             raise ValueError(f'task must be one of {", ".join(TASKS)}, got {task!r}')
         if num_classes is None:
             num_classes = 1 if task == 'depth' else 150
-        if task == 'depth' and num_classes != 1:
-            raise ValueError(f'a depth model predicts one channel; got num_classes={num_classes}')
         self.task = task
-        self.num_classes = num_classes
         self.background_class = background_class
         self.max_depth = max_depth
         self.in_chans = in_chans
@@ -141,26 +140,35 @@ class TimesNet(nn.Module):
             stage.downsample = nn.Identity()  # replaced by the Re-Shape modules; runs backwards no more
         self.decoder = nn.Module()
         self.decoder.stem = classifier.stem
-        self.decoder.stages = stages
+        self.decoder.stages = nn.ModuleList(stages)  # same keys as the Sequential; TorchScript indexes a ModuleList
 
         self.reshapes = nn.ModuleList(
             [ReShape(dec_chs[i + 1], dec_chs[i], scale=2) for i in range(len(dec_chs) - 1)]
             + [ReShape(enc_chs, dec_chs[-1], scale=1)])
         self.num_features = self.head_hidden_size = pyramid_dim or dec_chs[0]  # the 1x1 head's input width
         self.post_pyramid = PostFeaturePyramid(dec_chs, self.num_features)
-        self.head = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
         self.reduction = _REDUCTIONS[-1]
+        self.reset_classifier(num_classes)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """A clear error for batches the model cannot take (channels, or sides not a multiple of 32)."""
+        """A clear error for batches the model cannot take (channels, or sides not a multiple of 32). Eager only:
+        TorchScript, FX and torch.export skip it."""
         check_image_input(x, self.in_chans)
-        r = self.reduction
-        h, w = x.shape[-2:]
-        if h % r or w % r:
-            fit_h, fit_w = (max(r, round(n / r) * r) for n in (h, w))
-            raise ValueError(
-                f'×Net needs image sides that are multiples of {r} (the encoder stride, undone by the reversed '
-                f'decoder); got {h}x{w}. Resize or pad to e.g. {fit_h}x{fit_w}')
+        check_multiple_of(x, self.reduction, '×Net', 'the encoder stride, undone by the reversed decoder')
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, randomly initialised 1x1 head with `num_classes` outputs (0: none), e.g. to fine-tune on other
+        classes."""
+        if self.task == 'depth' and num_classes not in (0, 1):
+            raise ValueError(f'a depth model predicts one channel (num_classes=1, or 0 for no head); got {num_classes}')
+        like = next(self.post_pyramid.parameters())
+        self.num_classes = num_classes
+        self.head = nn.Conv2d(self.num_features, num_classes, 1, device=like.device, dtype=like.dtype) \
+            if num_classes else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.set_grad_checkpointing(enable)
@@ -168,21 +176,21 @@ class TimesNet(nn.Module):
             stage.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """The reversed decoder's stage outputs, finest (stride 4) first."""
+        """The reversed decoder's stage outputs, finest (stride 4) first: stage 3 back to stage 0."""
         self.check_input(x)
-        y = self.encoder(x)[-1]
-        outputs = []
-        for i in reversed(range(len(self.decoder.stages))):
-            y = self.reshapes[i](y)
-            if i == 0:
-                y = y + self.decoder.stem(x)  # feature mixing: the image as the decoder saw it in pre-training
-            y = self.decoder.stages[i](y)
-            outputs.append(y)
-        return outputs[::-1]
+        stages = self.decoder.stages
+        y3 = stages[3](self.reshapes[3](self.encoder(x)[-1]))
+        y2 = stages[2](self.reshapes[2](y3))
+        y1 = stages[1](self.reshapes[1](y2))
+        y0 = stages[0](self.reshapes[0](y1) + self.decoder.stem(x))  # feature mixing: the image as the decoder saw it
+        return [y0, y1, y2, y3]
 
-    def forward_head(self, features: List[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    def forward_head(self, features: List[torch.Tensor], size: List[int]) -> torch.Tensor:
+        """The prediction at `size` (H, W), or with no head the fused map at stride 4."""
         y = self.head(self.post_pyramid(features))
-        y = F.interpolate(y, size=tuple(size), mode='bilinear', align_corners=False)
+        if self.num_classes == 0:
+            return y
+        y = F.interpolate(y, size=size, mode='bilinear', align_corners=False)
         if self.task == 'depth':
             y = torch.sigmoid(y) * self.max_depth
         return y

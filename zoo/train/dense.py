@@ -185,13 +185,14 @@ def _depth_evaluate(recipe, model, eval_set, accelerator) -> Dict[str, float]:
 
 def _segmentation_loss(recipe, model):
     criterion = CeDiceLoss()
-    # A model that declares deep-supervision outputs returns them all from forward(x, deep_supervision=True),
-    # through the DDP / Accelerate wrapper (MACMD: the main head and two auxiliary ones).
-    deep_supervision = bool(getattr(model, 'deep_supervision_outputs', ()))
+    # A model that declares deep-supervision outputs returns them all from forward in training mode once
+    # switched on, through the DDP / Accelerate wrapper (MACMD: the main head and two auxiliary ones).
+    if getattr(model, 'deep_supervision_outputs', ()):
+        model.set_deep_supervision(True)
 
     def loss_fn(model, batch):
         images, masks = batch
-        return criterion(model(images, deep_supervision=True) if deep_supervision else model(images), masks)
+        return criterion(model(images), masks)
     return loss_fn
 
 
