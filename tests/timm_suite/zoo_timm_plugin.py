@@ -31,26 +31,43 @@ SMALLEST = {
     'nervpp_xs',
 }
 
+DENSE = ('idisc_*', 'timesnet_*', 'macmd_*')
+VIDEO = ('hnerv_*', 'nerv_*', 'nervpp_*')
+
 # (test, model pattern) -> why timm's assumption cannot hold for that model. A reviewer should agree with each.
+# What the dense and video models do owe timm (a cfg describing a real input, forward and backward at that size,
+# num_classes=0, num_features / head_hidden_size) is checked by tests/test_model_contract.py.
 EXCLUDED = {
     ('test_model_load_pretrained', '*'): 'downloads weights from the Hugging Face Hub; the suite runs offline '
                                          "(timm's own CI skips it too)",
     ('test_model_features_pretrained', '*'): 'downloads weights from the Hugging Face Hub; the suite runs offline',
-    ('test_model_backward', 'idisc_*'): 'builds the model with num_classes=42; a depth model has no classes',
-    ('test_model_backward_fx', 'idisc_*'): 'builds the model with num_classes=42; a depth model has no classes',
-    ('test_model_backward', 'timesnet_*'): 'reads the classes from the last axis; segmentation logits carry them '
-                                           'on axis 1 (N, classes, H, W)',
-    ('test_model_backward_fx', 'timesnet_*'): 'reads the classes from the last axis; segmentation logits carry '
-                                              'them on axis 1',
-    ('test_model_backward', 'macmd_*'): 'reads the classes from the last axis; segmentation logits carry them on '
-                                        'axis 1 (N, classes, H, W)',
-    ('test_model_backward_fx', 'macmd_*'): 'reads the classes from the last axis; segmentation logits carry them '
-                                           'on axis 1',
-    **{(test, pattern): 'feeds a random image batch; a per-video model decodes frame indices (or frames) into '
-                        'frames of the one size it was fitted to'
+    ('test_model_forward_features', 'inception_resnet_v1'):
+        'asserts every feature map is larger than input / (2 x reduction), which unpadded (VALID) convs cannot '
+        "meet at 96 px; timm exempts its own unpadded Inceptions (inception_v3*, inception_v4*, "
+        'inception_resnet_v2*) from that assertion by name, and the paper\'s Inception-ResNet-v1 is one too',
+    **{('test_model_default_cfgs', pattern):
+        'checks the classifier API: forward_head(pre_logits=True), reset_classifier(0) and num_classes=0 must '
+        "give a pooled (N, head_hidden_size) vector and forward_features a map of the cfg's pool_size; a depth, "
+        'segmentation or video model outputs maps or frames (num_classes=0 gives the map its head reads)'
+       for pattern in DENSE + VIDEO},
+    **{('test_model_forward_features', pattern):
+        "features_only wraps a backbone's stages; a dense or video model is not a backbone and refuses "
+        'features_only with one clear error (its encoder is a timm model that has features_only)'
+       for pattern in DENSE + VIDEO},
+    **{(test, 'idisc_*'): 'builds the model with num_classes=42; iDisc predicts depth or surface normals and has '
+                          'no classes (num_classes=0 only)'
+       for test in ('test_model_backward', 'test_model_backward_fx')},
+    **{(test, 'timesnet_*'): 'builds the model with num_classes=42; the registered ×Net models predict depth, one '
+                             'output channel (num_classes=1, or 0 for no head)'
+       for test in ('test_model_backward', 'test_model_backward_fx')},
+    **{(test, 'macmd_*'): 'asserts the 42 classes are on the last axis of the output; segmentation logits carry '
+                          'them on axis 1, (N, 42, H, W)'
+       for test in ('test_model_backward', 'test_model_backward_fx')},
+    **{(test, pattern): 'feeds random images of up to 384 px; a video model decodes frames of the one size it was '
+                        'fitted to (HNeRV takes frames of that size, NeRV and NeRV++ take frame indices)'
        for test in ('test_model_forward', 'test_model_backward', 'test_model_forward_fx', 'test_model_backward_fx',
                     'test_model_forward_torchscript', 'test_model_forward_fx_torchscript')
-       for pattern in ('hnerv_*', 'nerv_*', 'nervpp_*')},
+       for pattern in VIDEO},
 }
 
 

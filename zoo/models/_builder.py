@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import download_cached_file, hf_split
 
-from zoo.errors import CheckpointError, WeightsUnavailableError
+from zoo.errors import CheckpointError, InputError, WeightsUnavailableError
 from zoo.registry import check_model_args, check_model_name, registry_name
 
 # `pretrained_cfg.source` of weights published by a paper's authors in their own layout, converted on load.
@@ -230,6 +230,11 @@ def build_zoo_model(
     `weights_sha256` has its model.safetensors checked. A failed fetch raises `WeightsUnavailableError`.
     """
     check_model_args(variant, kwargs)
+    if kwargs.get('features_only') and not hasattr(model_cls, 'forward_intermediates'):
+        raise InputError(
+            f"{variant} has no features_only form: timm's feature wrappers take a backbone's stages, and this "
+            'model is a whole dense or video model. Build its timm encoder with features_only=True instead, or '
+            "use this model's forward_features")
     pretrained_cfg = resolve_pretrained_cfg(
         variant,
         pretrained_cfg=kwargs.pop('pretrained_cfg', None),
