@@ -144,7 +144,7 @@ class EfficientNetEncoder(nn.Module):
     """timm EfficientNet tapped after blocks 1, 2 and 4, plus the conv head (2048 channels for B5) at stride 32."""
 
     taps = (1, 2, 4)
-    __constants__ = ['taps']  # a class attribute TorchScript reads
+    __constants__ = ['taps']  # so TorchScript reads the class attribute
 
     def __init__(self, model: nn.Module):
         super().__init__()
