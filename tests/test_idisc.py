@@ -1,5 +1,5 @@
 """iDisc: the official head outputs, the official Swin at the native sizes, every official checkpoint layout,
-the NYU / KITTI / normals tags, pretrained loading and the input checks."""
+the NYU / KITTI / normals tags, pretrained loading, TorchScript / FX and the input checks."""
 import json
 import re
 from pathlib import Path
@@ -154,6 +154,26 @@ def test_any_input_size_is_taken(encoder):
         with torch.no_grad():
             depth = model(torch.randn(1, 3, *size))
         assert depth.shape == (1, 1, *size) and (depth > 0).all()
+
+
+@pytest.mark.parametrize('encoder', ['test_efficientnet', 'swin_tiny_patch4_window7_224'])
+def test_torchscript_and_fx_give_the_eager_depth(encoder):
+    """torch.jit.script, timm's FX feature extraction and the two together, at a size no stride divides.
+
+    (The ResNet encoder is covered by timm's own tests on idisc_resnet101, tests/timm_suite.)
+    """
+    kwargs = dict(embed_dim=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 3, 6)) if encoder.startswith('swin') else {}
+    model = idisc.IDisc(encoder=None, encoder_channels=(8, 8, 8, 8), hidden_dim=16, latent_dim=8, num_latents=4,
+                        afp_depth=1, isd_depth=1)
+    model.encoder = create_encoder(encoder, **kwargs)
+    model.decoder = idisc.PixelDecoder(model.encoder.channels[::-1], 16, depth=1)
+    model.eval()
+    x = torch.randn(1, 3, 37, 53)
+    with torch.no_grad():
+        expected = model(x)
+        traced = timm.models.create_feature_extractor(model, [timm.models.get_graph_node_names(model)[1][-1]])
+        for actual in (torch.jit.script(model)(x), *traced(x).values(), *torch.jit.script(traced)(x).values()):
+            torch.testing.assert_close(actual, expected)
 
 
 def test_tags_pick_the_dataset_settings():

@@ -6,18 +6,21 @@ align_corners=False). It needs no compiled extension and runs on any device and 
 numbers match the Deformable DETR CUDA op up to float summation order.
 """
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
+
+from .input_check import is_traced
 
 __all__ = ['MSDeformAttn', 'ms_deform_attn_sample', 'multi_scale_reference_points']
 
 
 def ms_deform_attn_sample(
         value: torch.Tensor,
-        spatial_shapes: Sequence[Tuple[int, int]],
+        spatial_shapes: List[Tuple[int, int]],
         sampling_locations: torch.Tensor,
         attention_weights: torch.Tensor,
 ) -> torch.Tensor:
@@ -51,9 +54,15 @@ def ms_deform_attn_sample(
     return out.view(n, heads * head_dim, num_queries).transpose(1, 2)
 
 
+@register_notrace_function  # reason: builds a tensor from the level sizes, Proxy ints under FX
+def _level_sizes(spatial_shapes: List[Tuple[int, int]], like: torch.Tensor) -> torch.Tensor:
+    """(W_l, H_l) of each level, shaped (levels, 1, 2) to divide (..., levels, points, 2) offsets, as `like`."""
+    return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=like.dtype, device=like.device)[:, None]
+
+
 def multi_scale_reference_points(
-        spatial_shapes: Sequence[Tuple[int, int]],
-        device: torch.device = None,
+        spatial_shapes: List[Tuple[int, int]],
+        device: Optional[torch.device] = None,
         dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Pixel centres of every level, normalised to [0, 1] as (x, y): shape (1, sum(H_l * W_l), 1, 2)."""
@@ -103,6 +112,14 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
+    @torch.jit.unused
+    def _check_levels(self, value: torch.Tensor, spatial_shapes: List[Tuple[int, int]]) -> None:
+        if len(spatial_shapes) != self.n_levels:
+            raise ValueError(f'expected {self.n_levels} feature levels, got {len(spatial_shapes)}')
+        if sum(h * w for h, w in spatial_shapes) != value.shape[1]:
+            raise ValueError(f'value has {value.shape[1]} positions, but the levels {spatial_shapes} hold '
+                             f'{sum(h * w for h, w in spatial_shapes)}')
+
     def forward(
             self,
             query: torch.Tensor,
@@ -118,17 +135,13 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (H_l, W_l) of each level.
         """
         n, num_queries, _ = query.shape
-        if len(spatial_shapes) != self.n_levels:
-            raise ValueError(f'expected {self.n_levels} feature levels, got {len(spatial_shapes)}')
-        if sum(h * w for h, w in spatial_shapes) != value.shape[1]:
-            raise ValueError(f'value has {value.shape[1]} positions, but the levels {spatial_shapes} hold '
-                             f'{sum(h * w for h, w in spatial_shapes)}')
+        if not torch.jit.is_scripting():  # eager only: TorchScript skips this block, FX / export skip the check
+            if not is_traced(value):
+                self._check_levels(value, spatial_shapes)
         value = self.value_proj(value).view(n, value.shape[1], self.n_heads, self.dim // self.n_heads)
         offsets = self.sampling_offsets(query).view(
             n, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, num_queries, self.n_heads, self.n_levels * self.n_points)
         weights = weights.softmax(-1).view(n, num_queries, self.n_heads, self.n_levels, self.n_points)
-        normalizer = torch.tensor(
-            [[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = reference_points[:, :, None, :, None, :] + offsets / _level_sizes(spatial_shapes, offsets)
         return self.output_proj(ms_deform_attn_sample(value, spatial_shapes, locations, weights))

@@ -22,6 +22,7 @@ first. At sizes whose stage maps are not multiples of 7 (480x640, 352x1216) the 
 Swin blocks here pad first, as the official ones do. `checkpoint_filter_fn` maps official
 checkpoints onto this layout.
 """
+import math
 import re
 from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, Mlp
+from timm.layers import ConvNormAct, Mlp, register_notrace_module
 from timm.models import register_model, resolve_pretrained_cfg
 from timm.models._input import update_model_args
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
@@ -71,24 +72,26 @@ def sine_position_embedding(x: torch.Tensor, num_feats: int, temperature: float 
     """
     h, w = x.shape[-2:]
     device = x.device
-    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * (2 * torch.pi)
-    x_pos = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * (2 * torch.pi)
+    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * (2 * math.pi)
+    x_pos = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * (2 * math.pi)
     dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode='floor') / num_feats)
-
-    def embed(pos):  # (L,) -> (L, num_feats), sin/cos interleaved
-        pos = pos[:, None] / dim_t
-        return torch.stack((pos[:, 0::2].sin(), pos[:, 1::2].cos()), dim=2).flatten(1)
-
-    pos_y = embed(y)[:, None, :].expand(h, w, num_feats)
-    pos_x = embed(x_pos)[None, :, :].expand(h, w, num_feats)
+    pos_y = _sin_cos(y, dim_t)[:, None, :].expand(h, w, num_feats)
+    pos_x = _sin_cos(x_pos, dim_t)[None, :, :].expand(h, w, num_feats)
     return torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)[None].to(x.dtype)
+
+
+def _sin_cos(pos: torch.Tensor, dim_t: torch.Tensor) -> torch.Tensor:
+    """(L,) positions -> (L, len(dim_t)) embedding, sin and cos interleaved."""
+    pos = pos[:, None] / dim_t
+    return torch.stack((pos[:, 0::2].sin(), pos[:, 1::2].cos()), dim=2).flatten(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Encoders: timm models, tapped where the official iDisc taps them
 
 
+@register_notrace_module  # reason: the shifted-window mask is built for each input size by item assignment
 class _PadThenShiftSwinBlock(SwinTransformerBlock):
     """timm's Swin block with the official (mmdet) window order: pad to whole windows, then shift.
 
@@ -141,6 +144,7 @@ class EfficientNetEncoder(nn.Module):
     """timm EfficientNet tapped after blocks 1, 2 and 4, plus the conv head (2048 channels for B5) at stride 32."""
 
     taps = (1, 2, 4)
+    __constants__ = ['taps']  # so TorchScript reads the class attribute
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -211,7 +215,13 @@ class DeformableEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_dim, act_layer=nn.GELU)
 
-    def forward(self, x, pos, reference_points, spatial_shapes):
+    def forward(
+            self,
+            x: torch.Tensor,
+            pos: torch.Tensor,
+            reference_points: torch.Tensor,
+            spatial_shapes: List[Tuple[int, int]],
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x) + pos, reference_points, x, spatial_shapes)
         return x + self.mlp(self.norm2(x))
 
@@ -260,12 +270,12 @@ class PixelDecoder(nn.Module):
             for conv in convs:
                 nn.init.kaiming_uniform_(conv.conv.weight, a=1)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        shapes = [tuple(f.shape[-2:]) for f in features]
+    def forward(self, features: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        shapes = [(f.shape[-2], f.shape[-1]) for f in features]
         tokens, pos = [], []
-        for i, (f, proj) in enumerate(zip(features, self.input_proj)):
-            tokens.append(proj(f).flatten(2).transpose(1, 2))
-            pe = sine_position_embedding(f, self.dim // 2).flatten(2).transpose(1, 2)
+        for i, proj in enumerate(self.input_proj):
+            tokens.append(proj(features[i]).flatten(2).transpose(1, 2))
+            pe = sine_position_embedding(features[i], self.dim // 2).flatten(2).transpose(1, 2)
             pos.append(pe + self.level_embed[i].view(1, 1, -1))
         x, pos = torch.cat(tokens, 1), torch.cat(pos, 1)
         reference_points = multi_scale_reference_points(shapes, device=x.device, dtype=x.dtype)
@@ -273,17 +283,19 @@ class PixelDecoder(nn.Module):
         for layer in self.layers:
             x = layer(x, pos, reference_points, shapes)
 
+        levels = x.split([h * w for h, w in shapes], dim=1)
         raw = []
-        for y, (h, w), conv in zip(x.split([h * w for h, w in shapes], dim=1), shapes, self.out_convs):
-            raw.append(conv(y.transpose(1, 2).reshape(x.shape[0], self.dim, h, w)))
+        for i, conv in enumerate(self.out_convs):
+            h, w = shapes[i]
+            raw.append(conv(levels[i].transpose(1, 2).reshape(x.shape[0], self.dim, h, w)))
         fpn = []
-        for i, f in enumerate(features):
-            y = self.lateral_convs[i](f)
+        for i, (lateral_conv, fpn_conv) in enumerate(zip(self.lateral_convs, self.fpn_convs)):
+            y = lateral_conv(features[i])
             if i == 0:
                 y = y + F.interpolate(raw[0], size=y.shape[-2:], mode='nearest')
             else:
                 y = y + raw[i] + F.interpolate(fpn[-1], size=y.shape[-2:], mode='nearest')
-            fpn.append(self.fpn_convs[i](y))
+            fpn.append(fpn_conv(y))
         return fpn, raw
 
 
@@ -465,7 +477,7 @@ class IDisc(nn.Module):
     def forward_head(
             self,
             features: Sequence[torch.Tensor],
-            output_size: Tuple[int, int],
+            output_size: Sequence[int],
             return_intermediates: bool = False,
     ):
         """Prediction at `output_size` from the encoder maps (stride 4 first).
@@ -473,21 +485,29 @@ class IDisc(nn.Module):
         With `return_intermediates`, also a dict of the decoder's `fpn` and `raw` outputs (coarsest first),
         the `idrs` and the raw per-scale head outputs `outs` (strides 16, 8, 4).
         """
-        fpn, raw = self.decoder(list(features)[::-1])
+        prediction, intermediates = self._forward_head(list(features), list(output_size))
+        return (prediction, intermediates) if return_intermediates else prediction
+
+    def _forward_head(
+            self,
+            features: List[torch.Tensor],
+            output_size: List[int],
+    ) -> Tuple[torch.Tensor, Dict[str, List[torch.Tensor]]]:
+        """`forward_head` with its intermediates always returned: one return type, as TorchScript needs."""
+        fpn, raw = self.decoder(features[::-1])
         first = len(raw) - self.num_resolutions  # the coarsest levels feed the decoder only
         idrs, outs = [], []
-        for afp, isd, r, f in zip(self.afp, self.isd, raw[first:], fpn[first:]):
+        for i, (afp, isd) in enumerate(zip(self.afp, self.isd)):
+            r, f = raw[first + i], fpn[first + i]
             idr = afp((r + sine_position_embedding(r, r.shape[1] // 2)).flatten(2).transpose(1, 2))
             h, w = f.shape[-2:]
             out = isd((f + sine_position_embedding(f, f.shape[1] // 2)).flatten(2).transpose(1, 2), idr)
             idrs.append(idr)
             outs.append(out.transpose(1, 2).reshape(f.shape[0], self.output_dim, h, w))
-        prediction = self._assemble(outs, tuple(output_size))
-        if return_intermediates:
-            return prediction, dict(fpn=fpn, raw=raw, idrs=idrs, outs=outs)
-        return prediction
+        prediction = self._assemble(outs, output_size)
+        return prediction, {'fpn': fpn, 'raw': raw, 'idrs': idrs, 'outs': outs}
 
-    def _assemble(self, outs: List[torch.Tensor], output_size: Tuple[int, int]) -> torch.Tensor:
+    def _assemble(self, outs: List[torch.Tensor], output_size: List[int]) -> torch.Tensor:
         """Depth: exp, resize to the finest scale, average, resize. Normals: normalise per scale, average, bicubic."""
         size = outs[-1].shape[-2:]
         maps = []
@@ -506,7 +526,7 @@ class IDisc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Depth (B, 1, H, W) in metres, or unit-ish normals (B, 3, H, W), at the input size."""
-        return self.forward_head(self.forward_features(x), x.shape[-2:])
+        return self._forward_head(self.forward_features(x), x.shape[-2:])[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
