@@ -48,7 +48,8 @@ def hub(hub_server, tmp_path, monkeypatch):
 
     huggingface_hub reads its environment once, at import, into `huggingface_hub.constants`; the
     environment is set too (for `subprocess` children and code that reads os.environ), and the constants
-    that were already read are patched.
+    that were already read are patched, in `constants` and in every huggingface_hub module that imported one
+    by name (0.34's `file_download` holds its own URL template).
     """
     from huggingface_hub import constants
 
@@ -77,9 +78,11 @@ def hub(hub_server, tmp_path, monkeypatch):
         'HF_HUB_DISABLE_TELEMETRY': True,
         'HF_HUB_DISABLE_XET': True,
     }
-    for name, value in patched.items():
-        if hasattr(constants, name):
-            monkeypatch.setattr(constants, name, value)
+    modules = {constants} | {m for n, m in sys.modules.items() if n.startswith('huggingface_hub.')}
+    for module in modules:
+        for name, value in patched.items():
+            if name in vars(module):
+                monkeypatch.setattr(module, name, value)
     yield hub_server
     assert not hub_server.errors, f'the fake Hub failed: {hub_server.errors}'
     assert not hub_server.unhandled, f'huggingface_hub called routes the fake Hub lacks: {hub_server.unhandled}'

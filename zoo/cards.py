@@ -209,8 +209,8 @@ def _import_zoo_line(arch: str, pipeline_tag: str) -> str:
             '(`local-dir:` / `hf-hub:`) loads a Hub folder of it only in a process that has imported zoo.')
     if pipeline_tag in ('image-classification', 'image-feature-extraction'):
         line += (' So does transformers (`AutoModelForImageClassification.from_pretrained`): without `import zoo` '
-                 f"it stops with \"The model architecture '{arch}' is not supported in your version of timm\", "
-                 'which no timm upgrade fixes.')
+                 f"it stops with \"The model architecture '{arch}' is not supported in your version of timm\" "
+                 f"(older transformers: timm's \"Unknown model ({arch})\"), which no timm upgrade fixes.")
     return line
 
 
