@@ -24,7 +24,7 @@ import zoo
 from zoo import hub
 from zoo.errors import CheckpointError, WeightsUnavailableError
 from zoo.models import hnerv, spartan
-from zoo.models._builder import sha256_file
+from zoo.models._builder import sha256_file, weights_fingerprint
 from zoo.train import trainer
 from official_layout import load_manifest, quantized_bunny_release, to_official_layout
 
@@ -326,3 +326,12 @@ def test_automodel_without_zoo_is_explained_by_the_card(saved):
     assert re.search(r"without zoo: .*('spartan_tiny' is not supported in your version of timm|Unknown model "
                      r"\(spartan_tiny\))", proc.stdout)
     assert 'with zoo: 10' in proc.stdout
+
+
+def test_fingerprint_of_a_tensor_larger_than_float32_counts_exactly():
+    """unireplknet_xl has 18,874,368-element tensors: float32 index arithmetic sampled past the end of them."""
+    module = torch.nn.Module()
+    module.register_buffer('big', torch.zeros(18_874_368, dtype=torch.uint8))
+    before = weights_fingerprint(module)
+    module.big[-1] = 1  # the last element is one of the sampled ones; the sum changes too
+    assert weights_fingerprint(module) != before

@@ -1,6 +1,6 @@
 """Run timm's own model tests (`tests/test_models.py` of the installed timm's source distribution) on the zoo.
 
-    python tests/timm_suite/run.py            # CI: every test on every zoo classifier's smallest variant
+    python tests/timm_suite/run.py            # CI: every test; the slow ones on the smallest model of each family
     python tests/timm_suite/run.py --full     # every test on every zoo model (slow: see README, Tests)
     python tests/timm_suite/run.py -- -k fx   # anything after `--` goes to pytest
 

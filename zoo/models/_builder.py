@@ -322,7 +322,9 @@ def weights_fingerprint(model: nn.Module) -> Optional[str]:
         if tensor.is_meta:
             return None
         flat = tensor.detach().reshape(-1)
-        sample = flat[torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()]
+        # evenly spaced indices in integer arithmetic: float32 linspace rounds past the end above 2**24 elements
+        count = min(64, flat.numel())
+        sample = flat[torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)]
         total = flat.sum(dtype=torch.float64) if flat.is_floating_point() else flat.long().sum()
         digest.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}|{total.item()!r}|'.encode())
         digest.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
