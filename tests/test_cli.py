@@ -109,10 +109,12 @@ def test_card_prints_the_card(capsys):
 
 
 def test_bench_reports_speed_memory_and_the_matmul_fraction(capsys):
+    threads = torch.get_num_threads()
     code, out, _ = run(capsys, 'bench', 'unireplknet_a', '--deploy', '--batch', '2', '--size', '32',
                        '--threads', '1', '--repeats', '2', '--warmup', '1', '--json')
     result = json.loads(out)
-    assert code == 0
+    assert code == 0 and result['threads'] == 1
+    assert torch.get_num_threads() == threads, 'bench left the process on its thread count'
     assert result['name'] == 'unireplknet_a' and result['deploy'] and result['size'] == 32
     assert result['images_per_s'] > 0 and result['latency_p90_ms'] >= result['latency_p50_ms'] > 0
     assert result['peak_memory_mb'] > 0

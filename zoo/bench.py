@@ -162,52 +162,56 @@ def bench_model(
                                ('size', size or 1, 1), ('threads', threads or 1, 1)):
         if value < least:
             raise InputError(f'{what} must be at least {least}, got {value}')
+    saved_threads = torch.get_num_threads()  # restored: a library call leaves the process's thread count alone
     if threads:
         torch.set_num_threads(threads)
-    dev = _device(device)
-    model = zoo.create_model(name)
-    if hasattr(model, 'example_inputs'):
-        raise ValueError(f'zoo bench times image classifiers and backbones; {name} does not take an image batch')
-    if deploy:
-        model = timm.utils.reparameterize_model(model)
-    chans, height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))
-    if size:
-        height = width = size
-    input_shape = (batch, chans, height, width)
-    # FLOPs are 2x the MACs. A training step is taken as 3x the forward: the backward computes the gradients of
-    # the inputs and of the weights, each about a forward (torch's counter counts a grouped convolution's
-    # backward as a dense one, groups times too much).
-    gflop_per_image = 2 * count_gmacs(model, input_shape[1:]) * (3 if train else 1)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(dev, DTYPES[dtype], memory_format=memory_format).train(train)
-    x = torch.randn(input_shape, device=dev, dtype=DTYPES[dtype]).contiguous(memory_format=memory_format)
-    run_model = model
-    if compile:
-        # At inference the weights are constants: inductor's freezing folds them into the graph and prepacks
-        # them for oneDNN (UniRepLKNet-A deploy, 2 CPU threads: 1.2x its eager fast path; about 1.04x without).
-        run_model = torch.compile(model, options=None if train else {'freezing': True})
-    if train:
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    try:
+        dev = _device(device)
+        model = zoo.create_model(name)
+        if hasattr(model, 'example_inputs'):
+            raise ValueError(f'zoo bench times image classifiers and backbones; {name} does not take an image batch')
+        if deploy:
+            model = timm.utils.reparameterize_model(model)
+        chans, height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))
+        if size:
+            height = width = size
+        input_shape = (batch, chans, height, width)
+        # FLOPs are 2x the MACs. A training step is taken as 3x the forward: the backward computes the gradients of
+        # the inputs and of the weights, each about a forward (torch's counter counts a grouped convolution's
+        # backward as a dense one, groups times too much).
+        gflop_per_image = 2 * count_gmacs(model, input_shape[1:]) * (3 if train else 1)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(dev, DTYPES[dtype], memory_format=memory_format).train(train)
+        x = torch.randn(input_shape, device=dev, dtype=DTYPES[dtype]).contiguous(memory_format=memory_format)
+        run_model = model
+        if compile:
+            # At inference the weights are constants: inductor's freezing folds them into the graph and prepacks
+            # them for oneDNN (UniRepLKNet-A deploy, 2 CPU threads: 1.2x its eager fast path; about 1.04x without).
+            run_model = torch.compile(model, options=None if train else {'freezing': True})
+        if train:
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            run_model(x).float().mean().backward()
-            optimizer.step()
-    else:
-        def step():
-            with torch.inference_mode():
-                run_model(x)
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                run_model(x).float().mean().backward()
+                optimizer.step()
+        else:
+            def step():
+                with torch.inference_mode():
+                    run_model(x)
 
-    if dev.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(dev)
-    times = interleaved_latencies({'model': step}, repeats=repeats, warmup=warmup, device=dev)['model']
-    p50 = statistics.median(times)
-    return BenchResult(
-        name=name, device=str(dev) if dev.type == 'cpu' else torch.cuda.get_device_name(dev), dtype=dtype,
-        batch=batch, size=height, deploy=deploy, channels_last=channels_last, compile=compile, train=train,
-        threads=torch.get_num_threads(), images_per_s=batch / p50, latency_p50_ms=p50 * 1e3,
-        latency_p90_ms=percentile(times, 90) * 1e3, peak_memory_mb=_peak_memory_mb(dev),
-        peak_memory_kind='allocated by torch' if dev.type == 'cuda' else 'peak RSS of the process',
-        gflop_per_image=gflop_per_image, achieved_gflops=gflop_per_image * batch / p50,
-        matmul_gflops=matmul_gflops(DTYPES[dtype], dev),
-    )
+        if dev.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats(dev)
+        times = interleaved_latencies({'model': step}, repeats=repeats, warmup=warmup, device=dev)['model']
+        p50 = statistics.median(times)
+        return BenchResult(
+            name=name, device=str(dev) if dev.type == 'cpu' else torch.cuda.get_device_name(dev), dtype=dtype,
+            batch=batch, size=height, deploy=deploy, channels_last=channels_last, compile=compile, train=train,
+            threads=torch.get_num_threads(), images_per_s=batch / p50, latency_p50_ms=p50 * 1e3,
+            latency_p90_ms=percentile(times, 90) * 1e3, peak_memory_mb=_peak_memory_mb(dev),
+            peak_memory_kind='allocated by torch' if dev.type == 'cuda' else 'peak RSS of the process',
+            gflop_per_image=gflop_per_image, achieved_gflops=gflop_per_image * batch / p50,
+            matmul_gflops=matmul_gflops(DTYPES[dtype], dev),
+        )
+    finally:
+        torch.set_num_threads(saved_threads)
