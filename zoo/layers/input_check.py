@@ -53,9 +53,13 @@ def check_multiple_of(x: torch.Tensor, multiple: int, model_name: str, why: str)
 def _check_multiple_of(x: torch.Tensor, multiple: int, model_name: str, why: str) -> None:
     h, w = x.shape[-2:]
     if h % multiple or w % multiple:
-        def fit(n):
-            below, above = n // multiple * multiple, -(-n // multiple) * multiple
-            return str(n) if n % multiple == 0 else str(above) if below == 0 else f'{below} or {above}'
         raise ValueError(
             f'{model_name} needs height and width that are multiples of {multiple} ({why}), got {h}x{w}; resize or '
-            f'pad to {fit(h)} x {fit(w)}')
+            f'pad to {nearest_multiples(h, multiple)} x {nearest_multiples(w, multiple)}')
+
+
+def nearest_multiples(n: int, multiple: int) -> str:
+    """The positive multiples of `multiple` nearest to `n`, for an error message: 'n' itself, 'below or above',
+    or the smallest one when none is below."""
+    below, above = n // multiple * multiple, max(-(-n // multiple), 1) * multiple
+    return str(above) if below <= 0 or below == above else f'{below} or {above}'

@@ -12,6 +12,7 @@ import torch.nn as nn
 from timm.layers import get_act_layer
 
 from zoo.errors import InputError
+from .input_check import nearest_multiples
 
 # Official `--act` names -> timm activation names (timm's 'gelu' is the exact, erf-based GELU).
 OFFICIAL_ACTIVATIONS = {'gelu': 'gelu', 'relu': 'relu', 'swish': 'silu', 'silu': 'silu'}
@@ -29,9 +30,7 @@ def check_frame_size(frame_size: Tuple[int, int], strides: Sequence[int]) -> Non
     multiple = math.prod(strides)
     bad = [(name, n) for name, n in zip(('height', 'width'), frame_size) if n % multiple or n <= 0]
     if bad:
-        nearest = ', '.join(
-            f'{name} {n} -> {max(n // multiple, 1) * multiple}' + (f' or {(n // multiple + 1) * multiple}' if n > multiple else '')
-            for name, n in bad)
+        nearest = ', '.join(f'{name} {n} -> {nearest_multiples(n, multiple)}' for name, n in bad)
         raise ValueError(
             f'frame size {frame_size[0]}x{frame_size[1]} cannot be reached with strides {tuple(strides)}: height and '
             f'width must be multiples of {multiple} (= {"*".join(map(str, strides))}); nearest valid sizes: {nearest}. '
